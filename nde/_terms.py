@@ -1,0 +1,254 @@
+"""Terms: what the equation is.
+
+A term describes one piece of ``dy = f(t, y) dt + g(t, y) dX``. Solvers see terms
+through this interface only:
+
+* ``vf(t, y, args)``: the vector field;
+* ``contr(t0, t1)``: the control increment over ``[t0, t1]`` (``t1 - t0`` for ``dt``);
+* ``prod(vf, control)``: how a vector field acts on a control increment;
+* ``vf_prod(t, y, args, control)``: both at once (terms may fuse them);
+* ``ode(t, y, args)``: ``dy/dt`` when the term is an ODE in disguise (ODE
+  solvers use this; a CDE control path contributes ``g(t, y) dX/dt``).
+"""
+
+from __future__ import annotations
+
+import abc
+import inspect
+from typing import Callable
+
+import torch
+
+from ._path import AbstractPath
+
+
+def _positional_arity(fn) -> int | None:
+    """Number of positional parameters of ``fn`` (None when it takes ``*args``)."""
+    target = fn.forward if isinstance(fn, torch.nn.Module) else fn
+    try:
+        sig = inspect.signature(target)
+    except (TypeError, ValueError):
+        return None
+    n = 0
+    for p in sig.parameters.values():
+        if p.kind == p.VAR_POSITIONAL:
+            return None
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            n += 1
+    return n
+
+
+def as_vector_field(fn: Callable, name: str = "vector field") -> Callable:
+    """Return ``fn`` as a callable ``f(t, y, args)``.
+
+    Accepts ``f(t, y, args)`` (the nde convention) and ``f(t, y)`` (the
+    torchdiffeq habit, for plain callables and ``nn.Module``s alike).
+    """
+    if not callable(fn):
+        raise TypeError(f"The {name} must be callable as f(t, y, args) or f(t, y); got {type(fn).__name__}.")
+    n = _positional_arity(fn)
+    if n == 2:
+        def two_arg(t, y, args, _fn=fn):
+            return _fn(t, y)
+        two_arg.__wrapped__ = fn
+        return two_arg
+    if n is not None and n < 2:
+        raise TypeError(
+            f"The {name} must take (t, y, args) or (t, y); {getattr(fn, '__name__', type(fn).__name__)} "
+            f"takes {n} positional argument(s)."
+        )
+    return fn
+
+
+class AbstractTerm(abc.ABC):
+    """Base class of all terms."""
+
+    @abc.abstractmethod
+    def vf(self, t, y, args):
+        """The vector field at ``(t, y)``."""
+
+    @abc.abstractmethod
+    def contr(self, t0, t1):
+        """The control increment over ``[t0, t1]``."""
+
+    @abc.abstractmethod
+    def prod(self, vf, control):
+        """The action of a vector field on a control increment."""
+
+    def vf_prod(self, t, y, args, control):
+        """``prod(vf(t, y, args), control)``; terms may fuse the two."""
+        return self.prod(self.vf(t, y, args), control)
+
+    def ode(self, t, y, args):
+        """``dy/dt`` of this term seen as an ODE. Terms that are not (Brownian controls) raise."""
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot be written as an ODE; use a solver for its kind of equation."
+        )
+
+    @property
+    def is_ode(self) -> bool:
+        """Whether :meth:`ode` is available."""
+        return False
+
+    @property
+    def jump_ts(self):
+        """Times at which the term is not smooth (a step should end there), or None."""
+        return None
+
+
+class ODETerm(AbstractTerm):
+    """The term ``f(t, y, args) dt`` of an ordinary differential equation.
+
+    Parameters
+    ----------
+    vector_field:
+        ``f(t, y, args)`` or ``f(t, y)``; a plain callable or an ``nn.Module``.
+        Returns a tensor of the shape of ``y``.
+    """
+
+    def __init__(self, vector_field: Callable):
+        self.vector_field = vector_field
+        self._fn = as_vector_field(vector_field)
+
+    def vf(self, t, y, args):
+        return self._fn(t, y, args)
+
+    def ode(self, t, y, args):
+        return self._fn(t, y, args)
+
+    @property
+    def is_ode(self) -> bool:
+        return True
+
+    def contr(self, t0, t1):
+        return t1 - t0
+
+    def prod(self, vf, control):
+        return vf * control
+
+    def __repr__(self):
+        return f"ODETerm({self.vector_field!r})"
+
+
+_NOISE_TYPES = ("general", "diagonal", "scalar", "additive")
+
+
+class ControlTerm(AbstractTerm):
+    """The term ``g(t, y, args) dX(t)`` of a controlled (CDE) or stochastic (SDE) equation.
+
+    Parameters
+    ----------
+    vector_field:
+        ``g(t, y, args)`` or ``g(t, y)``.
+    control:
+        An :class:`~nde.AbstractPath`: an interpolation of data or a Brownian motion.
+    noise:
+        How ``g`` acts on an increment ``dX`` of shape ``(..., m)``:
+
+        * ``"general"`` (default): ``g`` returns ``(..., d, m)``; product ``g @ dX``;
+        * ``"diagonal"``: ``g`` returns ``(..., d)`` and ``m == d``; product ``g * dX``;
+        * ``"scalar"``: ``g`` returns ``(..., d, 1)`` and ``m == 1``; product ``g[..., 0] * dX``;
+        * ``"additive"``: as general, but ``g`` does not depend on ``y`` (solvers may exploit this).
+    vf_prod:
+        Optional ``vf_prod(t, y, args, dX)`` computing the product directly, without
+        materialising the ``(d, m)`` matrix.
+    """
+
+    def __init__(self, vector_field: Callable, control: AbstractPath, noise: str = "general", vf_prod: Callable | None = None):
+        if noise not in _NOISE_TYPES:
+            raise ValueError(f"noise must be one of {_NOISE_TYPES}; got {noise!r}.")
+        if not isinstance(control, AbstractPath):
+            raise TypeError(
+                f"control must be an nde path (an interpolation or a Brownian motion); got {type(control).__name__}."
+            )
+        self.vector_field = vector_field
+        self._fn = as_vector_field(vector_field)
+        self.control = control
+        self.noise = noise
+        self._vf_prod = vf_prod
+
+    def vf(self, t, y, args):
+        return self._fn(t, y, args)
+
+    def contr(self, t0, t1):
+        return self.control.evaluate(t0, t1)
+
+    def prod(self, vf, control):
+        if self.noise == "diagonal":
+            return vf * control
+        if self.noise == "scalar":
+            return vf[..., 0] * control
+        return (vf @ control.unsqueeze(-1)).squeeze(-1)
+
+    def vf_prod(self, t, y, args, control):
+        if self._vf_prod is not None:
+            return self._vf_prod(t, y, args, control)
+        return self.prod(self._fn(t, y, args), control)
+
+    @property
+    def is_ode(self) -> bool:
+        return _path_is_differentiable(self.control)
+
+    def ode(self, t, y, args):
+        return self.vf_prod(t, y, args, self.control.derivative(t))
+
+    @property
+    def jump_ts(self):
+        return self.control.jump_ts
+
+
+def _path_is_differentiable(path) -> bool:
+    return type(path).derivative is not AbstractPath.derivative
+
+
+class MultiTerm(AbstractTerm):
+    """A sum of terms, e.g. ``MultiTerm(ODETerm(f), ControlTerm(g, brownian))`` for an SDE.
+
+    ``vf`` and ``contr`` return tuples (one entry a term); ``prod`` sums the products.
+    """
+
+    def __init__(self, *terms: AbstractTerm):
+        if len(terms) == 0:
+            raise ValueError("MultiTerm needs at least one term.")
+        for term in terms:
+            if not isinstance(term, AbstractTerm):
+                raise TypeError(f"MultiTerm takes terms (ODETerm, ControlTerm, ...); got {type(term).__name__}.")
+        self.terms = tuple(terms)
+
+    def vf(self, t, y, args):
+        return tuple(term.vf(t, y, args) for term in self.terms)
+
+    def contr(self, t0, t1):
+        return tuple(term.contr(t0, t1) for term in self.terms)
+
+    def prod(self, vf, control):
+        out = None
+        for term, v, c in zip(self.terms, vf, control):
+            p = term.prod(v, c)
+            out = p if out is None else out + p
+        return out
+
+    def vf_prod(self, t, y, args, control):
+        out = None
+        for term, c in zip(self.terms, control):
+            p = term.vf_prod(t, y, args, c)
+            out = p if out is None else out + p
+        return out
+
+    @property
+    def is_ode(self) -> bool:
+        return all(term.is_ode for term in self.terms)
+
+    def ode(self, t, y, args):
+        out = None
+        for term in self.terms:
+            p = term.ode(t, y, args)
+            out = p if out is None else out + p
+        return out
+
+    @property
+    def jump_ts(self):
+        ts = [term.jump_ts for term in self.terms if term.jump_ts is not None]
+        if not ts:
+            return None
+        return torch.unique(torch.cat([torch.as_tensor(t, dtype=torch.float64).reshape(-1) for t in ts]))
