@@ -2,5 +2,15 @@
 
 from ._path import AbstractPath
 from ._terms import AbstractTerm, ControlTerm, MultiTerm, ODETerm
+from ._saveat import SaveAt
+from ._solution import RESULTS, Solution
+from ._errors import SolveError
+from ._controllers import AbstractController, ConstantStepSize, PIDController, rms_norm
+from ._adjoint import AbstractAdjoint, DirectAdjoint
+from ._solve import solve
+from . import solvers
+from . import models
 
 __version__ = "0.1.0"
+
+# ---- exports added by the individual feature modules below (one line each) ----

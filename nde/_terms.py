@@ -252,3 +252,46 @@ class MultiTerm(AbstractTerm):
         if not ts:
             return None
         return torch.unique(torch.cat([torch.as_tensor(t, dtype=torch.float64).reshape(-1) for t in ts]))
+
+
+class _ReversedTime(AbstractTerm):
+    """``term`` seen in the time ``tau = -t``, so that a solve from t0 to t1 < t0 runs forwards in tau."""
+
+    def __init__(self, term: AbstractTerm):
+        self.term = term
+
+    def vf(self, t, y, args):
+        return self.term.vf(-t, y, args)
+
+    def contr(self, t0, t1):
+        return self.term.contr(-t0, -t1)
+
+    def prod(self, vf, control):
+        return self.term.prod(vf, control)
+
+    def vf_prod(self, t, y, args, control):
+        return self.term.vf_prod(-t, y, args, control)
+
+    @property
+    def is_ode(self) -> bool:
+        return self.term.is_ode
+
+    def ode(self, t, y, args):
+        return -self.term.ode(-t, y, args)
+
+    @property
+    def jump_ts(self):
+        j = self.term.jump_ts
+        return None if j is None else -torch.as_tensor(j)
+
+    def __getattr__(self, name):
+        return getattr(self.term, name)
+
+
+def reverse_time(term: AbstractTerm) -> AbstractTerm:
+    """The term in reversed time ``tau = -t`` (recursively through :class:`MultiTerm`)."""
+    if isinstance(term, MultiTerm):
+        return MultiTerm(*(reverse_time(t) for t in term.terms))
+    if isinstance(term, _ReversedTime):
+        return term.term
+    return _ReversedTime(term)

@@ -1,1 +1,9 @@
 """Numerical methods of nde: Runge--Kutta tableaux and steppers, reversible, SDE and implicit solvers, fixed-point and root solvers."""
+
+from .base import AbstractSolver
+from .rk import (
+    RK4, RK38, Bosh3, ButcherTableau, Dopri5, Dopri8, Euler, ExplicitRK, Fehlberg2, Heun, Heun3, Midpoint, Ralston,
+    Tsit5,
+)
+
+# ---- exports added by the individual solver modules below (one line each) ----

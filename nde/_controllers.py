@@ -1,0 +1,309 @@
+"""Step-size controllers: how big the next step is.
+
+Two code paths share each controller: joint mode works on Python floats (one host sync a step,
+for the error norm), independent mode on float64 tensors holding one time per sample.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+
+import torch
+
+
+class AbstractController:
+    """Decides the first step and, after each step, whether to accept it and the next step."""
+
+    adaptive = False
+
+    def init_joint(self, terms, t0, t1, y0, dt0, args, solver):
+        raise NotImplementedError
+
+    def adapt_joint(self, t0, t1, y0, y1, y_err, state):
+        raise NotImplementedError
+
+
+def _check_dt0(dt0, t0, t1):
+    if isinstance(dt0, torch.Tensor):
+        if dt0.numel() != 1:
+            raise ValueError(f"dt0 must be a scalar; got a tensor of shape {tuple(dt0.shape)}.")
+        dt0 = float(dt0.detach())
+    dt0 = float(dt0)
+    if not math.isfinite(dt0) or dt0 == 0.0:
+        raise ValueError(f"dt0 must be finite and nonzero; got {dt0}.")
+    if (t1 - t0) * dt0 < 0:
+        raise ValueError(f"dt0={dt0} points away from t1: its sign must be that of t1 - t0 = {t1 - t0}.")
+    return abs(dt0)
+
+
+class ConstantStepSize(AbstractController):
+    """Fixed steps of size ``dt0`` (the last step is shortened to land on ``t1``)."""
+
+    def init_joint(self, terms, t0, t1, y0, dt0, args, solver, error_order=None):
+        if dt0 is None:
+            raise ValueError("ConstantStepSize needs a step size: pass dt0=... to nde.solve.")
+        dt0 = _check_dt0(dt0, t0, t1)
+        return min(t0 + dt0, t1), (dt0, t0, 0), 0
+
+    def adapt_joint(self, t0, t1, y0, y1, y_err, state):
+        dt0, start, n = state
+        n = n + 1
+        # count steps from the start so that long solves do not accumulate rounding in t
+        nxt = start + (n + 1) * dt0
+        return True, t1, nxt, False, (dt0, start, n), 0.0
+
+    def init_batch(self, terms, t0, t1, y0, dt0, args, solver, norm_fn, error_order=None):
+        if dt0 is None:
+            raise ValueError("ConstantStepSize needs a step size: pass dt0=... to nde.solve.")
+        dt0 = torch.as_tensor(dt0, dtype=torch.float64, device=t0.device)
+        if dt0.dim() == 0:
+            dt0 = dt0.expand(t0.shape)
+        dt0 = dt0.abs()
+        if not bool(torch.isfinite(dt0).all() and (dt0 > 0).all()):
+            raise ValueError("dt0 must be finite and nonzero for every sample.")
+        return torch.minimum(t0 + dt0, t1), (dt0, t0.clone(), torch.zeros_like(t0)), 0
+
+    def adapt_batch(self, t0, t1, y0, y1, y_err, state, norm_fn):
+        dt0, start, n = state
+        n = n + 1
+        return torch.ones_like(t0, dtype=torch.bool), t1, start + (n + 1) * dt0, (dt0, start, n), None
+
+    def __repr__(self):
+        return "ConstantStepSize()"
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    """Root mean square of all elements."""
+    return torch.linalg.vector_norm(x) / math.sqrt(max(x.numel(), 1))
+
+
+class PIDController(AbstractController):
+    """Adaptive step sizes from an embedded error estimate (PI/PID control).
+
+    A step is accepted when ``norm(y_err / (atol + rtol * max(|y0|, |y1|))) <= 1``. The next step is
+    ``dt * clip(safety * e_n^(-b1) * e_{n-1}^(-b2) * e_{n-2}^(-b3), factormin, factormax)`` with
+    ``b1 = (pcoeff + icoeff + dcoeff) / q``, ``b2 = -(pcoeff + 2 dcoeff) / q``, ``b3 = dcoeff / q``,
+    ``q`` the solver's error order; an accepted step never shrinks the next one. The defaults give an
+    integral (I) controller. With ``dt0=None`` the first step follows Hairer, Norsett & Wanner,
+    *Solving ODEs I*, II.4. Söderlind (2002), "Automatic control and adaptive time-stepping",
+    *Numer. Algorithms* 31.
+
+    Parameters
+    ----------
+    rtol, atol:
+        Relative and absolute tolerances (``atol`` may be a tensor broadcastable against y).
+    pcoeff, icoeff, dcoeff:
+        PID coefficients.
+    norm:
+        Error norm ``norm(x) -> scalar``, default RMS. In independent mode it is applied per sample.
+    dtmin, dtmax:
+        Bounds on the step size; a rejected step that would go below ``dtmin`` ends the solve with
+        ``dt_underflow`` (unless ``force_dtmin=True``, which accepts it).
+    factormin, factormax, safety:
+        Bounds on the change of step size, and the safety factor.
+    step_ts:
+        Times the steps must land on.
+    jump_ts:
+        Times of discontinuities of the vector field: steps land on them and restart (no FSAL).
+    """
+
+    adaptive = True
+
+    def __init__(self, rtol=1e-3, atol=1e-6, pcoeff=0.0, icoeff=1.0, dcoeff=0.0, norm=None, dtmin=None,
+                 dtmax=None, factormin=0.2, factormax=10.0, safety=0.9, step_ts=None, jump_ts=None,
+                 force_dtmin=False):
+        for name, v in (("rtol", rtol), ("factormin", factormin), ("factormax", factormax), ("safety", safety)):
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite nonnegative number; got {v!r}.")
+        if isinstance(atol, torch.Tensor):
+            if not bool(torch.isfinite(atol).all()) or bool((atol < 0).any()):
+                raise ValueError("atol must be finite and nonnegative.")
+        elif not isinstance(atol, (int, float)) or not math.isfinite(atol) or atol < 0:
+            raise ValueError(f"atol must be a finite nonnegative number or tensor; got {atol!r}.")
+        if not isinstance(atol, torch.Tensor) and rtol == 0 and atol == 0:
+            raise ValueError("rtol and atol cannot both be zero: no step could ever be accepted.")
+        if factormin > 1 or factormax < 1:
+            raise ValueError(f"Need factormin <= 1 <= factormax; got factormin={factormin}, factormax={factormax}.")
+        self.rtol = float(rtol)
+        self.atol = atol if isinstance(atol, torch.Tensor) else float(atol)
+        self.pcoeff, self.icoeff, self.dcoeff = float(pcoeff), float(icoeff), float(dcoeff)
+        self.norm = norm
+        self.dtmin = None if dtmin is None else abs(float(dtmin))
+        self.dtmax = None if dtmax is None else abs(float(dtmax))
+        self.factormin, self.factormax, self.safety = float(factormin), float(factormax), float(safety)
+        self.step_ts = _sorted_times(step_ts, "step_ts")
+        self.jump_ts = _sorted_times(jump_ts, "jump_ts")
+        self.force_dtmin = bool(force_dtmin)
+
+    def __repr__(self):
+        return f"PIDController(rtol={self.rtol}, atol={self.atol})"
+
+    # ---- shared pieces -------------------------------------------------------------------
+    def _scaled(self, y0, y1, y_err):
+        atol = self.atol
+        if isinstance(atol, torch.Tensor):
+            atol = atol.to(y0.dtype)
+        scale = torch.maximum(y0.abs(), y1.abs()).mul_(self.rtol).add_(atol)
+        return y_err / scale
+
+    def _betas(self, q):
+        return ((self.pcoeff + self.icoeff + self.dcoeff) / q, -(self.pcoeff + 2 * self.dcoeff) / q, self.dcoeff / q)
+
+    def _initial_dt(self, terms, t0, t1, y0, args, q, norm_per):
+        """Hairer--Norsett--Wanner's starting step; returns (dt, f0 or None, nfe)."""
+        if not terms.is_ode:
+            raise ValueError("An adaptive solve of this equation needs a first step: pass dt0=... to nde.solve.")
+        f = terms.ode
+        atol = self.atol.to(y0.dtype) if isinstance(self.atol, torch.Tensor) else self.atol
+        joint = isinstance(t0, float)
+        tt0 = torch.tensor(t0, dtype=y0.dtype, device=y0.device) if joint else t0.to(y0.dtype)
+        with torch.no_grad():
+            f0 = f(tt0, y0, args)
+            scale = y0.abs() * self.rtol + atol
+            d0 = norm_per(y0 / scale)
+            d1 = norm_per(f0 / scale)
+            h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
+            h0b = h0.to(y0.dtype) if joint else h0.to(y0.dtype).reshape(h0.shape + (1,) * (y0.dim() - h0.dim()))
+            y1 = y0 + h0b * f0
+            tt1 = tt0 + (h0.to(y0.dtype) if joint else h0b)
+            f1 = f(tt1, y1, args)
+            d2 = norm_per((f1 - f0) / scale) / h0
+            dmax = torch.maximum(d1, d2)
+            h1 = torch.where(dmax <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / dmax) ** (1.0 / q))
+            dt = torch.minimum(100 * h0, h1)
+        return dt, 2
+
+    # ---- joint mode (Python floats) ------------------------------------------------------
+    def init_joint(self, terms, t0, t1, y0, dt0, args, solver, error_order=None):
+        q = error_order
+        if q is None:
+            raise ValueError(
+                f"{type(solver).__name__} has no error estimate, so it cannot be used with PIDController; "
+                "use ConstantStepSize() with dt0=..., or an adaptive solver such as Tsit5()."
+            )
+        self._q = q
+        nfe = 0
+        if dt0 is None:
+            norm = self.norm or rms_norm
+            dt, nfe = self._initial_dt(terms, t0, t1, y0, args, q, norm)
+            dt = float(dt)
+        else:
+            dt = _check_dt0(dt0, t0, t1)
+        dt = self._clip_dt(dt)
+        return self._next_t1(t0, t0 + dt, t1), (1.0, 1.0, q), nfe
+
+    def _clip_dt(self, dt):
+        if self.dtmax is not None:
+            dt = min(dt, self.dtmax)
+        if self.dtmin is not None and self.force_dtmin:
+            dt = max(dt, self.dtmin)
+        return dt
+
+    def _next_t1(self, t0, t1, t_end):
+        # land on step_ts / jump_ts that lie inside (t0, t1)
+        for ts in (self.step_ts, self.jump_ts):
+            if ts:
+                i = bisect.bisect_right(ts, t0)
+                if i < len(ts) and ts[i] < t1:
+                    t1 = ts[i]
+        return min(t1, t_end)
+
+    def adapt_joint(self, t0, t1, y0, y1, y_err, state):
+        """Returns ``(accept, next_t0, next_t1, made_jump, state, error_norm)``."""
+        prev1, prev2, q = state
+        with torch.no_grad():
+            scaled = self._scaled(y0, y1, y_err)
+            err = float(self.norm(scaled) if self.norm is not None else rms_norm(scaled))
+        dt = t1 - t0
+        if not math.isfinite(err):
+            accept = False
+            factor = self.factormin
+        else:
+            accept = err <= 1.0
+            b1, b2, b3 = self._betas(q)
+            if err == 0.0:
+                factor = self.factormax
+            else:
+                factor = self.safety * err ** (-b1)
+                if b2 != 0.0:
+                    factor *= prev1 ** (-b2)
+                if b3 != 0.0:
+                    factor *= prev2 ** (-b3)
+            factor = min(max(factor, 1.0 if accept else self.factormin), self.factormax)
+        new_dt = self._clip_dt(dt * factor)
+        if accept:
+            made_jump = bool(self.jump_ts) and _hits(self.jump_ts, t1)
+            state = (max(err, 1e-10), prev1, q)
+            return True, t1, t1 + new_dt, made_jump, state, err
+        if self.dtmin is not None and new_dt < self.dtmin and not self.force_dtmin:
+            return False, t0, t0 + new_dt, False, state, err
+        return False, t0, t0 + new_dt, False, state, err
+
+    # ---- independent mode (tensors, one entry a sample) ----------------------------------
+    def init_batch(self, terms, t0, t1, y0, dt0, args, solver, norm_fn, error_order=None):
+        q = error_order
+        if q is None:
+            raise ValueError(
+                f"{type(solver).__name__} has no error estimate, so it cannot be used with PIDController; "
+                "use ConstantStepSize() with dt0=..., or an adaptive solver such as Tsit5()."
+            )
+        nfe = 0
+        if dt0 is None:
+            dt, nfe = self._initial_dt(terms, t0, t1, y0, args, q, norm_fn)
+            dt = dt.to(torch.float64).reshape(t0.shape)
+        else:
+            dt = torch.as_tensor(dt0, dtype=torch.float64, device=t0.device).abs().expand(t0.shape).clone()
+        if self.dtmax is not None:
+            dt = dt.clamp(max=self.dtmax)
+        ones = torch.ones_like(t0)
+        return self._next_t1_batch(t0, t0 + dt, t1), (ones, ones, q), nfe
+
+    def _next_t1_batch(self, t0, t1, t_end):
+        for ts in (self.step_ts, self.jump_ts):
+            if ts:
+                tst = torch.tensor(ts, dtype=torch.float64, device=t0.device)
+                i = torch.searchsorted(tst, t0, right=True)
+                cand = torch.cat([tst, tst.new_full((1,), math.inf)])[i]
+                t1 = torch.where(cand < t1, cand, t1)
+        return torch.minimum(t1, t_end)
+
+    def adapt_batch(self, t0, t1, y0, y1, y_err, state, norm_fn):
+        prev1, prev2, q = state
+        with torch.no_grad():
+            err = norm_fn(self._scaled(y0, y1, y_err)).to(torch.float64)
+        finite = torch.isfinite(err)
+        accept = finite & (err <= 1.0)
+        b1, b2, b3 = self._betas(q)
+        safe_err = torch.where(finite, err, torch.ones_like(err)).clamp(min=1e-10)
+        factor = self.safety * safe_err ** (-b1)
+        if b2 != 0.0:
+            factor = factor * prev1 ** (-b2)
+        if b3 != 0.0:
+            factor = factor * prev2 ** (-b3)
+        factor = torch.where(err == 0, torch.full_like(factor, self.factormax), factor)
+        lo = torch.where(accept, torch.ones_like(factor), torch.full_like(factor, self.factormin))
+        factor = torch.minimum(torch.maximum(factor, lo), torch.full_like(factor, self.factormax))
+        factor = torch.where(finite, factor, torch.full_like(factor, self.factormin))
+        new_dt = (t1 - t0) * factor
+        if self.dtmax is not None:
+            new_dt = new_dt.clamp(max=self.dtmax)
+        if self.dtmin is not None and self.force_dtmin:
+            new_dt = new_dt.clamp(min=self.dtmin)
+        next_t0 = torch.where(accept, t1, t0)
+        state = (torch.where(accept, safe_err, prev1), torch.where(accept, prev1, prev2), q)
+        return accept, next_t0, next_t0 + new_dt, state, err
+
+
+def _hits(ts, t):
+    i = bisect.bisect_left(ts, t)
+    return i < len(ts) and ts[i] == t
+
+
+def _sorted_times(ts, name):
+    if ts is None:
+        return []
+    vals = torch.as_tensor(ts, dtype=torch.float64).reshape(-1)
+    if not bool(torch.isfinite(vals).all()):
+        raise ValueError(f"{name} must be finite.")
+    return sorted(set(vals.tolist()))

@@ -1,0 +1,710 @@
+"""The solve loop: owns time, saving, statistics and failure codes."""
+
+from __future__ import annotations
+
+import bisect
+import math
+from typing import Any
+
+import torch
+
+from ._controllers import AbstractController, ConstantStepSize, PIDController, rms_norm
+from ._errors import SolveError
+from ._saveat import SaveAt
+from ._solution import RESULTS, DenseIndependent, DenseJoint, Solution
+from ._terms import AbstractTerm, ODETerm, reverse_time
+
+_BATCH_MODES = ("joint", "independent")
+
+
+class Problem:
+    """Everything one solve needs, validated; adjoints transform and integrate it."""
+
+    __slots__ = (
+        "terms", "solver", "t0", "t1", "y0", "dt0", "args", "saveat", "controller", "max_steps", "batch_mode",
+        "batch_ndim", "throw", "progress", "sign", "ts", "ts_per_sample", "user_terms", "t0_in", "t1_in", "ts_in",
+        "event",
+    )
+
+    def replace(self, **kw):
+        new = Problem.__new__(Problem)
+        for k in Problem.__slots__:
+            setattr(new, k, kw[k] if k in kw else getattr(self, k, None))
+        return new
+
+
+def _as_time(x, name, batch_shape=None):
+    if isinstance(x, torch.Tensor):
+        if x.dtype.is_complex or not (x.dtype.is_floating_point or x.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"{name} must be a real number or real tensor; got dtype {x.dtype}.")
+        if x.numel() != 1 and (batch_shape is None or tuple(x.shape) != tuple(batch_shape)):
+            expect = "a scalar" if batch_shape is None else f"a scalar or a tensor of the batch shape {tuple(batch_shape)}"
+            raise ValueError(f"{name} must be {expect}; got a tensor of shape {tuple(x.shape)}.")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name} must be finite; got {x.tolist()}.")
+        if x.numel() == 1:
+            return float(x.detach().reshape(()))
+        return x.detach().to(torch.float64)
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name} must be a number or a 0-d tensor; got {type(x).__name__}.")
+    x = float(x)
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite; got {x}.")
+    return x
+
+
+def solve(
+    terms,
+    solver,
+    t0,
+    t1,
+    y0: torch.Tensor,
+    dt0=None,
+    args: Any = None,
+    saveat: SaveAt | None = None,
+    controller: AbstractController | None = None,
+    adjoint=None,
+    max_steps: int | None = "auto",
+    batch_mode: str = "joint",
+    batch_ndim: int = 1,
+    throw: bool = True,
+    progress: bool = False,
+    event=None,
+) -> Solution:
+    """Solve a differential equation from ``t0`` to ``t1``.
+
+    ``dy = sum_i f_i(t, y, args) dX_i(t)``, with the terms given by ``terms`` (an
+    :class:`~nde.ODETerm` for ``dy/dt = f(t, y, args)``), one step at a time by ``solver``,
+    step sizes chosen by ``controller`` and gradients computed as ``adjoint`` says.
+
+    Parameters
+    ----------
+    terms:
+        A term (``ODETerm(f)``, ``ControlTerm``, ``MultiTerm``); a plain callable or ``nn.Module``
+        ``f(t, y, args)`` / ``f(t, y)`` is taken as ``ODETerm(f)``.
+    solver:
+        A solver instance, e.g. ``nde.solvers.Tsit5()``.
+    t0, t1:
+        Start and end times (``t1 < t0`` integrates backwards). In independent mode either may be
+        a tensor of the batch shape: every sample its own interval.
+    y0:
+        Initial state: a floating-point tensor of any shape. dtype and device of the solve follow it.
+    dt0:
+        Initial (or, with ``ConstantStepSize``, the constant) step size; None picks one automatically.
+    args:
+        Passed to the vector field unchanged.
+    saveat:
+        What to keep; default ``SaveAt(t1=True)``.
+    controller:
+        ``ConstantStepSize()`` or ``PIDController(rtol, atol)``. Default: constant steps when
+        ``dt0`` is given, else ``PIDController()`` for adaptive solvers.
+    adjoint:
+        How gradients are computed; default ``DirectAdjoint()`` (backpropagate through the solve).
+    max_steps:
+        Most steps allowed (per sample in independent mode). ``"auto"``: unlimited for constant
+        steps, 16384 for adaptive ones. ``None``: unlimited.
+    batch_mode:
+        ``"joint"``: one step size for the whole batch. ``"independent"``: the first ``batch_ndim``
+        dimensions of ``y0`` are samples, each with its own time, step size, accept/reject,
+        statistics and result; the vector field then receives ``t`` as a tensor of shape
+        ``batch_shape + (1,) * (y0.dim() - batch_ndim)``.
+    batch_ndim:
+        Number of leading batch dimensions in independent mode.
+    throw:
+        Raise :class:`~nde.SolveError` on failure (True), or return the partial solution with
+        per-sample ``result`` codes (False).
+    progress:
+        Show a tqdm progress bar of the integration from t0 to t1.
+    event:
+        An :class:`~nde.Event` that stops the solve (where supported).
+
+    Returns
+    -------
+    Solution
+    """
+    from ._adjoint import AbstractAdjoint, DirectAdjoint
+    from nde.solvers.base import AbstractSolver
+
+    problem = _prepare(terms, solver, t0, t1, y0, dt0, args, saveat, controller, max_steps, batch_mode,
+                       batch_ndim, throw, progress, event, AbstractSolver)
+    if adjoint is None:
+        adjoint = DirectAdjoint()
+    if not isinstance(adjoint, AbstractAdjoint):
+        raise TypeError(f"adjoint must be an nde adjoint such as nde.DirectAdjoint(); got {type(adjoint).__name__}.")
+    return adjoint.run(problem)
+
+
+def _prepare(terms, solver, t0, t1, y0, dt0, args, saveat, controller, max_steps, batch_mode, batch_ndim, throw,
+             progress, event, AbstractSolver):
+    if not isinstance(terms, AbstractTerm):
+        if callable(terms):
+            terms = ODETerm(terms)
+        else:
+            raise TypeError(f"terms must be an nde term (e.g. ODETerm(f)) or a callable f(t, y, args); got {type(terms).__name__}.")
+    if isinstance(solver, type):
+        raise TypeError(f"solver must be an instance: pass {solver.__name__}() rather than {solver.__name__}.")
+    if not isinstance(solver, AbstractSolver):
+        raise TypeError(f"solver must be an nde solver such as nde.solvers.Tsit5(); got {type(solver).__name__}.")
+    if not isinstance(y0, torch.Tensor):
+        raise TypeError(f"y0 must be a torch.Tensor; got {type(y0).__name__}.")
+    if not y0.dtype.is_floating_point:
+        raise TypeError(f"y0 must have a floating-point dtype (float32 or float64); got {y0.dtype}.")
+    if not bool(torch.isfinite(y0).all()):
+        raise ValueError("y0 contains NaN or inf.")
+    if batch_mode not in _BATCH_MODES:
+        raise ValueError(f"batch_mode must be one of {_BATCH_MODES}; got {batch_mode!r}.")
+    if not isinstance(batch_ndim, int) or batch_ndim < 0 or (batch_mode == "independent" and batch_ndim > y0.dim()):
+        raise ValueError(f"batch_ndim must be an integer between 0 and y0.dim()={y0.dim()}; got {batch_ndim!r}.")
+    independent = batch_mode == "independent"
+    bshape = tuple(y0.shape[:batch_ndim]) if independent else None
+    t0f = _as_time(t0, "t0", bshape)
+    t1f = _as_time(t1, "t1", bshape)
+    if isinstance(t0f, torch.Tensor) or isinstance(t1f, torch.Tensor):
+        a = torch.as_tensor(t0f, dtype=torch.float64).expand(bshape)
+        b = torch.as_tensor(t1f, dtype=torch.float64).expand(bshape)
+        d = torch.sign(b - a)
+        if bool((d > 0).any()) and bool((d < 0).any()):
+            raise ValueError("With per-sample times, every sample must integrate in the same direction.")
+        sign = -1.0 if bool((d < 0).any()) else 1.0
+    else:
+        sign = -1.0 if t1f < t0f else 1.0
+    if saveat is None:
+        saveat = SaveAt(t1=True)
+    if not isinstance(saveat, SaveAt):
+        raise TypeError(f"saveat must be an nde.SaveAt; got {type(saveat).__name__}.")
+    if controller is None:
+        if dt0 is not None:
+            controller = ConstantStepSize()
+        elif solver.adaptive:
+            controller = PIDController()
+        else:
+            raise ValueError(
+                f"{type(solver).__name__} takes fixed steps: pass dt0=... (and optionally controller=ConstantStepSize())."
+            )
+    if not isinstance(controller, AbstractController):
+        raise TypeError(f"controller must be ConstantStepSize() or PIDController(...); got {type(controller).__name__}.")
+    if max_steps == "auto":
+        max_steps = None if isinstance(controller, ConstantStepSize) else 16384
+    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
+        raise ValueError(f"max_steps must be a positive integer or None; got {max_steps!r}.")
+
+    # internal time runs forwards: tau = sign * t
+    it0 = t0f * sign
+    it1 = t1f * sign
+    ts_in = saveat.ts
+    ts = None
+    per_sample = False
+    if ts_in is not None:
+        tst = torch.as_tensor(ts_in)
+        if tst.dtype.is_complex or not (tst.dtype.is_floating_point or tst.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"SaveAt(ts=...) must hold real times; got dtype {tst.dtype}.")
+        tst = tst.detach().to(torch.float64, copy=True).cpu()
+        if tst.dim() == 0:
+            tst = tst.reshape(1)
+        if tst.dim() != 1:
+            if not independent or tuple(tst.shape[:-1]) != bshape:
+                raise ValueError(
+                    "SaveAt(ts=...) must be 1-D, or in independent mode of shape (*batch_shape, n); "
+                    f"got shape {tuple(tst.shape)}."
+                )
+            per_sample = True
+        if tst.shape[-1] == 0:
+            raise ValueError("SaveAt(ts=...) is empty.")
+        if not bool(torch.isfinite(tst).all()):
+            raise ValueError("SaveAt(ts=...) contains NaN or inf.")
+        its = tst * sign
+        if bool((its[..., 1:] < its[..., :-1]).any()):
+            raise ValueError(
+                "SaveAt(ts=...) must be monotone in the direction of integration "
+                f"({'increasing' if sign > 0 else 'decreasing'}, since t1 {'>' if sign > 0 else '<'} t0)."
+            )
+        lo = torch.as_tensor(it0, dtype=torch.float64)
+        hi = torch.as_tensor(it1, dtype=torch.float64)
+        if per_sample:
+            lo, hi = lo.expand(bshape).unsqueeze(-1), hi.expand(bshape).unsqueeze(-1)
+        tol_lo = 1e-12 * (1 + lo.abs())
+        tol_hi = 1e-12 * (1 + hi.abs())
+        if bool(((its < lo - tol_lo) | (its > hi + tol_hi)).any()):
+            raise ValueError(f"SaveAt(ts=...) must lie inside [t0, t1] = [{t0f if not isinstance(t0f, torch.Tensor) else 't0'}, {t1f if not isinstance(t1f, torch.Tensor) else 't1'}].")
+        its = torch.minimum(torch.maximum(its, lo), hi)
+        ts = its
+    if sign < 0:
+        terms_int = reverse_time(terms)
+        controller = _reverse_controller(controller)
+    else:
+        terms_int = terms
+    if dt0 is not None and not isinstance(controller, ConstantStepSize) and not isinstance(dt0, torch.Tensor):
+        pass
+
+    p = Problem.__new__(Problem)
+    p.terms, p.user_terms, p.solver = terms_int, terms, solver
+    p.t0, p.t1, p.y0, p.dt0, p.args = it0, it1, y0, (None if dt0 is None else _signed_dt0(dt0, sign)), args
+    p.saveat, p.controller, p.max_steps, p.batch_mode, p.batch_ndim = saveat, controller, max_steps, batch_mode, batch_ndim
+    p.throw, p.progress, p.sign, p.ts, p.ts_per_sample = throw, progress, sign, ts, per_sample
+    p.t0_in, p.t1_in, p.ts_in, p.event = t0, t1, ts_in, event
+    return p
+
+
+def _signed_dt0(dt0, sign):
+    if isinstance(dt0, torch.Tensor) and dt0.numel() > 1:
+        if not bool(torch.isfinite(dt0).all()):
+            raise ValueError("dt0 must be finite.")
+        return dt0.detach().to(torch.float64) * sign
+    v = _as_time(dt0, "dt0")
+    if v == 0.0:
+        raise ValueError("dt0 must be nonzero.")
+    return v * sign
+
+
+def _reverse_controller(c):
+    import copy
+
+    c = copy.copy(c)
+    for name in ("step_ts", "jump_ts"):
+        if getattr(c, name, None):
+            setattr(c, name, sorted(-x for x in getattr(c, name)))
+    return c
+
+
+def _merge_jump_ts(controller, terms):
+    j = terms.jump_ts
+    if j is None or not isinstance(controller, PIDController):
+        return controller
+    import copy
+
+    c = copy.copy(controller)
+    c.jump_ts = sorted(set(c.jump_ts) | set(torch.as_tensor(j, dtype=torch.float64).reshape(-1).tolist()))
+    return c
+
+
+# ----------------------------------------------------------------------------------------------
+def integrate(p: Problem) -> Solution:
+    """Run the loop of a prepared problem (what :class:`~nde.DirectAdjoint` does)."""
+    if p.batch_mode == "independent":
+        return _integrate_independent(p)
+    return _integrate_joint(p)
+
+
+def _check_step_output(y0, y1, terms, solver, t0, args):
+    if y1.shape != y0.shape or y1.dtype != y0.dtype:
+        _raise_shape(terms, solver, t0, y0, args, y1)
+
+
+def _raise_shape(terms, solver, t0, y0, args, y1=None):
+    tt = torch.as_tensor(t0, dtype=y0.dtype, device=y0.device)
+    try:
+        if solver.term_structure == "ode" and terms.is_ode:
+            out = terms.ode(tt, y0, args)
+        else:
+            out = y1
+    except Exception as e:  # the vector field itself fails: report that
+        raise ValueError(f"The vector field failed on y of shape {tuple(y0.shape)}: {e}") from e
+    if out is not None and isinstance(out, torch.Tensor):
+        if out.shape != y0.shape:
+            raise ValueError(
+                f"The vector field returned shape {tuple(out.shape)} but y has shape {tuple(y0.shape)}; "
+                "they must be equal."
+            )
+        if out.dtype != y0.dtype:
+            raise TypeError(
+                f"The vector field returned dtype {out.dtype} but y has dtype {y0.dtype}; nde does not promote "
+                "the state silently: make the vector field return the dtype of y0."
+            )
+    if out is not None and not isinstance(out, torch.Tensor):
+        raise TypeError(f"The vector field must return a tensor; got {type(out).__name__}.")
+
+
+def _progress_bar(p):
+    if not p.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    total = float(torch.as_tensor(p.t1 - p.t0).max()) if isinstance(p.t0, torch.Tensor) or isinstance(p.t1, torch.Tensor) else p.t1 - p.t0
+    return tqdm(total=total, unit="t", desc="nde.solve", bar_format="{l_bar}{bar}| {n:.3g}/{total:.3g} [{elapsed}<{remaining}]")
+
+
+def _fail(p, code, t, step, samples=None):
+    names = {
+        RESULTS.max_steps_reached: f"reached max_steps={p.max_steps}; raise max_steps or loosen the tolerances",
+        RESULTS.dt_underflow: "the step size underflowed (the problem may be stiff or singular); loosen rtol/atol or use an implicit solver",
+        RESULTS.nonfinite: "the state became NaN or inf; reduce the step size or check the vector field",
+    }
+    where = f" for samples {samples}" if samples is not None else ""
+    raise SolveError(
+        f"The solve failed at t={t * p.sign if isinstance(t, float) else t} (step {step}){where}: {names[code]}.",
+        result=code, t=t, step=step, samples=samples,
+    )
+
+
+def _integrate_joint(p: Problem) -> Solution:
+    terms, solver, args, y = p.terms, p.solver, p.args, p.y0
+    t0, tend = p.t0, p.t1
+    saveat = p.saveat
+    controller = _merge_jump_ts(p.controller, terms)
+    constant = isinstance(controller, ConstantStepSize)
+    state, nfe = solver.init(terms, t0, tend, y, args)
+    ys_out = []
+    ts_list = p.ts[...].tolist() if p.ts is not None else []
+    n_ts = len(ts_list)
+    ts_idx = 0
+    if saveat.t0:
+        ys_out.append(y)
+    while ts_idx < n_ts and ts_list[ts_idx] <= t0:
+        ys_out.append(y)
+        ts_idx += 1
+    step_ts, step_ys = [], []
+    dense = DenseJoint(solver, terms, args, p.sign, y) if saveat.dense else None
+    result = RESULTS.successful
+    num_steps = accepted = rejected = 0
+    t = t0
+    if tend == t0:
+        t_next = t0
+    else:
+        t_next, cstate, n = controller.init_joint(terms, t0, tend, y, p.dt0, args, solver, solver.error_order)
+        nfe += n
+    bar = _progress_bar(p)
+    max_steps = p.max_steps
+    first = True
+    while t < tend:
+        if max_steps is not None and num_steps >= max_steps:
+            result = RESULTS.max_steps_reached
+            if p.throw:
+                _fail(p, result, t, num_steps)
+            break
+        try:
+            y1, y_err, info, new_state, n = solver.step(terms, t, t_next, y, args, state)
+        except RuntimeError:
+            if first:
+                _raise_shape(terms, solver, t, y, args)
+            raise
+        if first:
+            _check_step_output(y, y1, terms, solver, t, args)
+            first = False
+        nfe += n
+        num_steps += 1
+        if constant:
+            accept, nt0, nt1, jump, cstate, _ = controller.adapt_joint(t, t_next, y, y1, y_err, cstate)
+            if not bool(torch.isfinite(y1).all()):
+                result = RESULTS.nonfinite
+                if p.throw:
+                    _fail(p, result, t_next, num_steps, _bad_samples(y1, p))
+                break
+        else:
+            accept, nt0, nt1, jump, cstate, _ = controller.adapt_joint(t, t_next, y, y1, y_err, cstate)
+        if accept:
+            accepted += 1
+            if ts_idx < n_ts and ts_list[ts_idx] <= t_next:
+                j = bisect.bisect_right(ts_list, t_next, lo=ts_idx)
+                nfe += _save_interp(ys_out, solver, terms, args, t, t_next, info, y1, ts_list[ts_idx:j])
+                ts_idx = j
+            if saveat.steps:
+                step_ts.append(t_next)
+                step_ys.append(y1)
+            if dense is not None:
+                dense.add(t, t_next, info)
+            if bar is not None:
+                bar.update(t_next - t)
+            y = y1
+            state = solver.init(terms, nt0, tend, y, args)[0] if jump else new_state
+            t = t_next
+        else:
+            rejected += 1
+            if nt1 - nt0 <= 8 * math.ulp(max(abs(nt0), 1e-300)) or (
+                controller.dtmin is not None and nt1 - nt0 < controller.dtmin and not controller.force_dtmin
+            ):
+                result = RESULTS.dt_underflow
+                if p.throw:
+                    _fail(p, result, t, num_steps)
+                break
+        if t >= tend:
+            break
+        # the next step, landing exactly on t1 when it is within rounding of it
+        if constant:
+            t_next = nt1 if tend - nt1 > 1e-9 * (nt1 - t) else tend
+        else:
+            t_next = controller._next_t1(t, nt1, tend)
+            if tend - t_next <= 1e-10 * (t_next - t):
+                t_next = tend
+    if bar is not None:
+        bar.close()
+    if saveat.t1:
+        ys_out.append(y)
+    if saveat.steps:
+        ys_out.extend(step_ys)
+    ys = torch.stack(ys_out) if ys_out else None
+    out_ts = _output_ts_joint(p, step_ts, t)
+    stats = {"num_steps": num_steps, "num_accepted_steps": accepted, "num_rejected_steps": rejected, "nfe": nfe}
+    res = torch.tensor(int(result))
+    return Solution(out_ts, ys, stats, res, p.t0_in, p.t1_in, dense=dense, batch_mode="joint")
+
+
+def _bad_samples(y1, p):
+    if y1.dim() == 0:
+        return None
+    bad = ~torch.isfinite(y1.reshape(y1.shape[0], -1)).all(1)
+    return bad.nonzero().flatten().tolist()
+
+
+def _save_interp(ys_out, solver, terms, args, t0, t1, info, y1, tsv):
+    nfe = 0
+    if tsv[-1] == t1:
+        inner, at_end = tsv[:-1], True
+    else:
+        inner, at_end = tsv, False
+    if inner:
+        dt = t1 - t0
+        theta = torch.tensor([(s - t0) / dt for s in inner], dtype=y1.dtype, device=y1.device)
+        theta = theta.reshape((-1,) + (1,) * y1.dim())
+        vals, nfe = solver.dense_eval(terms, args, t0, t1, info, theta)
+        ys_out.extend(vals.unbind(0))
+    if at_end:
+        ys_out.append(y1)
+    return nfe
+
+
+def _output_ts_joint(p, step_ts, t_final):
+    parts = []
+    if p.saveat.t0:
+        parts.append(torch.tensor([p.t0], dtype=torch.float64))
+    if p.ts is not None:
+        parts.append(p.ts.clone())
+    if p.saveat.t1:
+        parts.append(torch.tensor([t_final], dtype=torch.float64))
+    if p.saveat.steps:
+        parts.append(torch.tensor(step_ts, dtype=torch.float64))
+    if not parts:
+        return None
+    return torch.cat(parts) * p.sign
+
+
+# ----------------------------------------------------------------------------------------------
+def _tree_where(mask, new, old):
+    if new is None or old is None:
+        return None
+    if isinstance(new, torch.Tensor):
+        m = mask.reshape(mask.shape + (1,) * (new.dim() - mask.dim())) if new.dim() >= mask.dim() else mask
+        return torch.where(m, new, old)
+    if isinstance(new, (list, tuple)):
+        if any(a is None or b is None for a, b in zip(new, old)):
+            return type(new)(None for _ in new)
+        return type(new)(_tree_where(mask, a, b) for a, b in zip(new, old))
+    if isinstance(new, dict):
+        return {k: _tree_where(mask, new[k], old[k]) for k in new}
+    return new
+
+
+def _tree_index(tree, idx, nb, bshape):
+    """Select samples ``idx`` (flat indices) of every batch-leading tensor in ``tree``."""
+    if tree is None:
+        return None
+    if isinstance(tree, torch.Tensor):
+        if tree.dim() >= nb and tuple(tree.shape[:nb]) == tuple(bshape):
+            return tree.reshape((-1,) + tree.shape[nb:])[idx]
+        return tree
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_tree_index(x, idx, nb, bshape) for x in tree)
+    if isinstance(tree, dict):
+        return {k: _tree_index(v, idx, nb, bshape) for k, v in tree.items()}
+    return tree
+
+
+def _integrate_independent(p: Problem) -> Solution:
+    """Every sample its own time, step size, accept/reject and statistics.
+
+    The working batch is compacted (finished samples removed) when fewer than half of it is still
+    running, so that finished samples stop costing vector-field work.
+    """
+    terms, solver, args, y0 = p.terms, p.solver, p.args, p.y0
+    if not solver.supports_independent:
+        raise ValueError(f"{type(solver).__name__} does not support batch_mode='independent'.")
+    nb = p.batch_ndim
+    bshape = tuple(y0.shape[:nb])
+    B = math.prod(bshape)
+    dev = y0.device
+    ev = y0.shape[nb:]
+    pad = (1,) * len(ev)
+    saveat = p.saveat
+    controller = _merge_jump_ts(p.controller, terms)
+    constant = isinstance(controller, ConstantStepSize)
+
+    t0_full = torch.as_tensor(p.t0, dtype=torch.float64, device=dev).expand(bshape).reshape(B).clone()
+    tend_full = torch.as_tensor(p.t1, dtype=torch.float64, device=dev).expand(bshape).reshape(B).clone()
+    yf = y0.reshape((B,) + ev)
+
+    def norm_fn(x):
+        x = x.reshape(x.shape[0], -1)
+        if controller.norm is None if isinstance(controller, PIDController) else True:
+            return torch.linalg.vector_norm(x, dim=1) / math.sqrt(max(x.shape[1], 1))
+        return torch.func.vmap(controller.norm)(x)
+
+    # outputs
+    n_ts = 0
+    if p.ts is not None:
+        ts_full = p.ts.to(dev)
+        ts_full = ts_full.expand(bshape + (ts_full.shape[-1],)).reshape(B, -1) if not p.ts_per_sample else ts_full.reshape(B, -1)
+        n_ts = ts_full.shape[1]
+        ys_ts = y0.new_zeros((n_ts, B) + ev)
+        ts_ptr = torch.zeros(B, dtype=torch.long, device=dev)
+        # outputs at t0
+        at0 = ts_full <= t0_full.unsqueeze(1)
+        if bool(at0.any()):
+            i, b = at0.t().nonzero(as_tuple=True)
+            ys_ts = ys_ts.index_put((i, b), yf[b])
+            ts_ptr = at0.sum(1)
+    if saveat.steps:
+        raise ValueError(
+            "SaveAt(steps=True) is not available with batch_mode='independent' (every sample has its own "
+            "steps); use SaveAt(ts=...) or SaveAt(dense=True)."
+        )
+    step_records = None
+    dense = DenseIndependent(solver, terms, args, p.sign, y0, nb) if saveat.dense else None
+
+    result = torch.zeros(B, dtype=torch.long, device=dev)
+    num_steps = torch.zeros(B, dtype=torch.long, device=dev)
+    n_acc = torch.zeros(B, dtype=torch.long, device=dev)
+    n_rej = torch.zeros(B, dtype=torch.long, device=dev)
+    nfe = torch.zeros(B, dtype=torch.long, device=dev)
+
+    # working set
+    widx = torch.arange(B, device=dev)
+    t = t0_full.clone()
+    y = yf
+    tb = lambda x: x.reshape((x.shape[0],) + pad)  # noqa: E731
+    state, n = solver.init(terms, tb(t), tb(tend_full), y, args)
+    nfe += n
+    tend = tend_full
+    active = t < tend
+    if bool(active.any()):
+        t_next, cstate, n = controller.init_batch(terms, t, tend, y, p.dt0 if not isinstance(p.dt0, torch.Tensor) else p.dt0.reshape(B), args, solver, norm_fn, solver.error_order)
+        nfe += n
+    else:
+        t_next, cstate = t.clone(), None
+    t_next = torch.where(active, t_next, t)
+    first = True
+    bar = _progress_bar(p)
+    done_y = {}
+    step_no = 0
+    while True:
+        if not bool(active.any()):
+            break
+        # compaction
+        if dense is None and active.sum() * 2 < active.numel() and active.numel() > 1:
+            keep = active.nonzero().flatten()
+            for i_loc in (~active).nonzero().flatten().tolist():
+                done_y[int(widx[i_loc])] = y[i_loc]
+            widx, t, t_next, tend, y = widx[keep], t[keep], t_next[keep], tend[keep], y[keep]
+            state = _tree_index(state, keep, 1, (active.numel(),))
+            cstate = _tree_index(cstate, keep, 1, (active.numel(),))
+            active = active[keep]
+        if p.max_steps is not None:
+            over = active & (num_steps[widx] >= p.max_steps)
+            if bool(over.any()):
+                result[widx[over]] = int(RESULTS.max_steps_reached)
+                if p.throw:
+                    _fail(p, RESULTS.max_steps_reached, float(t[over][0]), int(num_steps[widx[over]][0]), widx[over].tolist())
+                active = active & ~over
+                t_next = torch.where(active, t_next, t)
+                if not bool(active.any()):
+                    break
+        tn = torch.where(active, t_next, t)
+        y1, y_err, info, new_state, n = solver.step(terms, tb(t), tb(tn), y, args, state)
+        if first:
+            _check_step_output(y, y1, terms, solver, tb(t), args)
+            first = False
+        step_no += 1
+        nfe[widx[active]] += n
+        num_steps[widx[active]] += 1
+        if constant:
+            accept, nt0, nt1, cstate, _ = controller.adapt_batch(t, tn, y, y1, y_err, cstate, norm_fn)
+            finite = torch.isfinite(y1.reshape(y1.shape[0], -1)).all(1)
+            bad = active & ~finite
+            if bool(bad.any()):
+                result[widx[bad]] = int(RESULTS.nonfinite)
+                if p.throw:
+                    _fail(p, RESULTS.nonfinite, float(tn[bad][0]), step_no, widx[bad].tolist())
+                active = active & ~bad
+            accept = accept & active
+        else:
+            accept, nt0, nt1, cstate, _ = controller.adapt_batch(t, tn, y, y1, y_err, cstate, norm_fn)
+            accept = accept & active
+            rej = active & ~accept
+            under = rej & ((nt1 - nt0) <= 8 * torch.finfo(torch.float64).eps * nt0.abs().clamp(min=1e-300))
+            if controller.dtmin is not None and not controller.force_dtmin:
+                under = under | (rej & ((nt1 - nt0) < controller.dtmin))
+            if bool(under.any()):
+                result[widx[under]] = int(RESULTS.dt_underflow)
+                if p.throw:
+                    _fail(p, RESULTS.dt_underflow, float(t[under][0]), step_no, widx[under].tolist())
+                active = active & ~under
+        n_acc[widx[accept]] += 1
+        n_rej[widx[active & ~accept]] += 1
+        # saving
+        if n_ts:
+            gl = widx
+            ptr = ts_ptr[gl]
+            while True:
+                cand = ts_full[gl, ptr.clamp(max=n_ts - 1)]
+                pend = accept & (ptr < n_ts) & (cand <= tn)
+                if not bool(pend.any()):
+                    break
+                denom = torch.where(tn > t, tn - t, torch.ones_like(t))
+                theta = ((cand - t) / denom).clamp(0, 1)
+                vals, n = solver.dense_eval(terms, args, tb(t), tb(tn), info, tb(theta).to(y.dtype))
+                vals = torch.where(tb(theta == 1), y1, vals)
+                nfe[gl[pend]] += n
+                sel = pend.nonzero().flatten()
+                ys_ts = ys_ts.index_put((ptr[sel], gl[sel]), vals[sel])
+                ptr = ptr + pend.long()
+            ts_ptr[gl] = ptr
+        if step_records is not None:
+            step_records.append((widx.clone(), accept.clone(), tn.clone(), y1))
+        if dense is not None:
+            dense.add(tb(t), tb(tn), accept, info)
+        if bar is not None:
+            bar.update(float((torch.where(accept, tn - t, torch.zeros_like(t))).max()))
+        y = torch.where(tb(accept), y1, y)
+        state = _tree_where(accept, new_state, state)
+        t = torch.where(accept, tn, t)
+        active = active & (t < tend)
+        if constant:
+            t_next = torch.where(tend - nt1 > 1e-9 * (nt1 - t), nt1, tend)
+        else:
+            t_next = controller._next_t1_batch(t, nt1, tend)
+            t_next = torch.where(tend - t_next <= 1e-10 * (t_next - t), tend, t_next)
+    if bar is not None:
+        bar.close()
+    for i_loc in range(widx.numel()):
+        done_y[int(widx[i_loc])] = y[i_loc]
+    final = torch.stack([done_y[i] for i in range(B)]).reshape(y0.shape) if B > 0 else y0
+    # outputs
+    outs, out_ts = [], []
+    if saveat.t0:
+        outs.append(y0.unsqueeze(0))
+    if n_ts:
+        outs.append(ys_ts.reshape((n_ts,) + tuple(y0.shape)))
+    if saveat.t1:
+        outs.append(final.unsqueeze(0))
+    ys = torch.cat(outs) if outs else None
+    res = result.reshape(bshape)
+    if p.throw is False:
+        pass
+    stats = {
+        "num_steps": num_steps.reshape(bshape), "num_accepted_steps": n_acc.reshape(bshape),
+        "num_rejected_steps": n_rej.reshape(bshape), "nfe": nfe.reshape(bshape),
+    }
+    ts_parts = []
+    if saveat.t0:
+        ts_parts.append(torch.as_tensor(p.t0, dtype=torch.float64).expand(bshape).unsqueeze(-1) if isinstance(p.t0, torch.Tensor) else torch.tensor([p.t0], dtype=torch.float64))
+    if p.ts is not None:
+        ts_parts.append(p.ts.clone())
+    if saveat.t1:
+        ts_parts.append(torch.as_tensor(p.t1, dtype=torch.float64).expand(bshape).unsqueeze(-1) if isinstance(p.t1, torch.Tensor) else torch.tensor([p.t1], dtype=torch.float64))
+    out_ts_t = None
+    if ts_parts:
+        if any(x.dim() > 1 for x in ts_parts):
+            ts_parts = [x.expand(bshape + (x.shape[-1],)) if x.dim() == 1 else x for x in ts_parts]
+        out_ts_t = torch.cat(ts_parts, dim=-1) * p.sign
+    sol = Solution(out_ts_t, ys, stats, res, p.t0_in, p.t1_in, dense=None, batch_mode="independent")
+    if step_records is not None:
+        sol.steps = step_records
+    return sol
