@@ -9,7 +9,6 @@ from ._controllers import AbstractController, ConstantStepSize, PIDController, r
 from ._adjoint import AbstractAdjoint, DirectAdjoint
 from ._solve import solve
 from . import solvers
-from . import models
 
 __version__ = "0.1.0"
 
