@@ -1,1 +1,5 @@
 """Neural network modules built on nde's solvers."""
+
+from .neural_ode import NeuralODE
+
+# ---- exports added by the individual model modules below (one line each) ----
