@@ -280,10 +280,10 @@ Tsit5 = _make("Tsit5", _T.TSIT5, """Tsitouras 5(4): fifth order, embedded fourth
 Tsitouras (2011), "Runge--Kutta pairs of order 5(4) satisfying only the first column
 simplifying assumption", *Comput. Math. Appl.* 62(2).
 """)
-Dopri8 = _make("Dopri8", _T.DOPRI8, """Prince--Dormand 8(7): eighth order, embedded seventh order, FSAL, 7th-order dense output.
+Dopri8 = _make("Dopri8", _T.DOPRI8, """Prince--Dormand 8(7): eighth order, embedded seventh order, FSAL, sixth-order dense output.
 
 Prince & Dormand (1981), "High order embedded Runge--Kutta formulae", *J. Comput. Appl. Math.* 7(1);
-dense output from Bogacki & Shampine (1990), "Interpolating high-order Runge--Kutta formulas",
+sixth-order dense output from Bogacki & Shampine (1990), "Interpolating high-order Runge--Kutta formulas",
 *Comput. Math. Appl.* 20(3).
 """)
 
