@@ -290,6 +290,21 @@ def _check_step_output(y0, y1, terms, solver, t0, args):
         _raise_shape(terms, solver, t0, y0, args, y1)
 
 
+class _diagnose_vector_field:
+    """Turn a broadcasting failure inside the first solver call into a clear shape/dtype error."""
+
+    def __init__(self, terms, solver, t0, y0, args):
+        self.a = (terms, solver, t0, y0, args)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and issubclass(exc_type, RuntimeError):
+            _raise_shape(*self.a)
+        return False
+
+
 def _raise_shape(terms, solver, t0, y0, args, y1=None):
     tt = torch.as_tensor(t0, dtype=y0.dtype, device=y0.device)
     try:
@@ -342,7 +357,8 @@ def _integrate_joint(p: Problem) -> Solution:
     saveat = p.saveat
     controller = _merge_jump_ts(p.controller, terms)
     constant = isinstance(controller, ConstantStepSize)
-    state, nfe = solver.init(terms, t0, tend, y, args)
+    with _diagnose_vector_field(terms, solver, t0, y, args):
+        state, nfe = solver.init(terms, t0, tend, y, args)
     ys_out = []
     ts_list = p.ts[...].tolist() if p.ts is not None else []
     n_ts = len(ts_list)
@@ -360,7 +376,8 @@ def _integrate_joint(p: Problem) -> Solution:
     if tend == t0:
         t_next = t0
     else:
-        t_next, cstate, n = controller.init_joint(terms, t0, tend, y, p.dt0, args, solver, solver.error_order)
+        with _diagnose_vector_field(terms, solver, t0, y, args):
+            t_next, cstate, n = controller.init_joint(terms, t0, tend, y, p.dt0, args, solver, solver.error_order)
         nfe += n
     bar = _progress_bar(p)
     max_steps = p.max_steps
@@ -508,11 +525,23 @@ def _tree_index(tree, idx, nb, bshape):
     return tree
 
 
+def _only_ode_terms(term):
+    if isinstance(term, ODETerm):
+        return True
+    if getattr(term, "term", None) is not None:
+        return _only_ode_terms(term.term)
+    subterms = getattr(term, "terms", None)
+    if subterms is not None:
+        return all(_only_ode_terms(x) for x in subterms)
+    return False
+
+
 def _integrate_independent(p: Problem) -> Solution:
     """Every sample its own time, step size, accept/reject and statistics.
 
     The working batch is compacted (finished samples removed) when fewer than half of it is still
-    running, so that finished samples stop costing vector-field work.
+    running, so that finished samples stop costing vector-field work; only when ``args`` is None and
+    all terms are ODE terms, since per-sample data inside them cannot be indexed.
     """
     terms, solver, args, y0 = p.terms, p.solver, p.args, p.y0
     if not solver.supports_independent:
@@ -557,6 +586,9 @@ def _integrate_independent(p: Problem) -> Solution:
             "steps); use SaveAt(ts=...) or SaveAt(dense=True)."
         )
     step_records = None
+    # Finished samples are dropped from the working batch only when nothing per-sample can hide in
+    # args or in control paths (those would need to be indexed too).
+    compactable = saveat.dense is False and args is None and _only_ode_terms(terms)
     dense = DenseIndependent(solver, terms, args, p.sign, y0, nb) if saveat.dense else None
 
     result = torch.zeros(B, dtype=torch.long, device=dev)
@@ -570,12 +602,14 @@ def _integrate_independent(p: Problem) -> Solution:
     t = t0_full.clone()
     y = yf
     tb = lambda x: x.reshape((x.shape[0],) + pad)  # noqa: E731
-    state, n = solver.init(terms, tb(t), tb(tend_full), y, args)
+    with _diagnose_vector_field(terms, solver, tb(t), y, args):
+        state, n = solver.init(terms, tb(t), tb(tend_full), y, args)
     nfe += n
     tend = tend_full
     active = t < tend
     if bool(active.any()):
-        t_next, cstate, n = controller.init_batch(terms, t, tend, y, p.dt0 if not isinstance(p.dt0, torch.Tensor) else p.dt0.reshape(B), args, solver, norm_fn, solver.error_order)
+        with _diagnose_vector_field(terms, solver, tb(t), y, args):
+            t_next, cstate, n = controller.init_batch(terms, t, tend, y, p.dt0 if not isinstance(p.dt0, torch.Tensor) else p.dt0.reshape(B), args, solver, norm_fn, solver.error_order)
         nfe += n
     else:
         t_next, cstate = t.clone(), None
@@ -588,7 +622,7 @@ def _integrate_independent(p: Problem) -> Solution:
         if not bool(active.any()):
             break
         # compaction
-        if dense is None and active.sum() * 2 < active.numel() and active.numel() > 1:
+        if compactable and active.sum() * 2 < active.numel() and active.numel() > 1:
             keep = active.nonzero().flatten()
             for i_loc in (~active).nonzero().flatten().tolist():
                 done_y[int(widx[i_loc])] = y[i_loc]
@@ -607,7 +641,11 @@ def _integrate_independent(p: Problem) -> Solution:
                 if not bool(active.any()):
                     break
         tn = torch.where(active, t_next, t)
-        y1, y_err, info, new_state, n = solver.step(terms, tb(t), tb(tn), y, args, state)
+        if first:
+            with _diagnose_vector_field(terms, solver, tb(t), y, args):
+                y1, y_err, info, new_state, n = solver.step(terms, tb(t), tb(tn), y, args, state)
+        else:
+            y1, y_err, info, new_state, n = solver.step(terms, tb(t), tb(tn), y, args, state)
         if first:
             _check_step_output(y, y1, terms, solver, tb(t), args)
             first = False

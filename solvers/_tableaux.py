@@ -112,6 +112,12 @@ DOPRI5 = dict(
     dense=_dopri5_dense(),
 )
 
+# Shampine's alternative fourth-order embedded solution for the same fifth-order method: a smaller error
+# estimate, hence longer steps at the same tolerance (Shampine (1986), "Some practical Runge--Kutta
+# formulas", Math. Comp. 46(173)).
+_DP5_BHAT_SHAMPINE = [F(1951, 21600), F(0), F(22642, 50085), F(451, 720), F(-12231, 42400), F(649, 6300), F(1, 60)]
+DOPRI5_SHAMPINE = dict(DOPRI5, b_err=_f(*[b - bh for b, bh in zip(_DP5_B, _DP5_BHAT_SHAMPINE)]))
+
 # Tsitouras 5(4), FSAL (Tsitouras 2011, Table 1).
 _TS5_B = [
     0.09646076681806522951816731316512876333711995238157997181903319145764851595234062815396,

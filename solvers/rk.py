@@ -270,11 +270,40 @@ Bosh3 = _make("Bosh3", _T.BOSH3, """Bogacki--Shampine 3(2): third order, embedde
 
 Bogacki & Shampine (1989), "A 3(2) pair of Runge--Kutta formulas", *Appl. Math. Lett.* 2(4).
 """)
-Dopri5 = _make("Dopri5", _T.DOPRI5, """Dormand--Prince 5(4): fifth order, embedded fourth order, FSAL, 4th-order dense output.
+_Dopri5 = _make("Dopri5", _T.DOPRI5, "")
+_DOPRI5_SHAMPINE = ButcherTableau(**_T.DOPRI5_SHAMPINE)
 
-Dormand & Prince (1980), "A family of embedded Runge--Kutta formulae", *J. Comput. Appl. Math.* 6(1);
-continuous extension from Hairer, Norsett & Wanner, *Solving ODEs I*, II.6.
-""")
+
+class Dopri5(_Dopri5):
+    """Dormand--Prince 5(4): fifth order, embedded fourth order, FSAL, 4th-order dense output.
+
+    Dormand & Prince (1980), "A family of embedded Runge--Kutta formulae", *J. Comput. Appl. Math.* 6(1);
+    continuous extension from Hairer, Norsett & Wanner, *Solving ODEs I*, II.6.
+
+    Parameters
+    ----------
+    error_estimate:
+        ``"dormand-prince"`` (default): the embedded fourth-order solution of the original pair.
+        ``"shampine"``: Shampine's alternative fourth-order solution (Shampine (1986), "Some practical
+        Runge--Kutta formulas", *Math. Comp.* 46), whose smaller estimate takes longer steps at the same
+        tolerance; the fifth-order solution is the same.
+    """
+
+    def __init__(self, error_estimate: str = "dormand-prince"):
+        if error_estimate not in ("dormand-prince", "shampine"):
+            raise ValueError(
+                f"error_estimate must be 'dormand-prince' or 'shampine'; got {error_estimate!r}."
+            )
+        self.error_estimate = error_estimate
+        if error_estimate == "shampine":
+            self.tableau = _DOPRI5_SHAMPINE
+
+    def __repr__(self):
+        if self.error_estimate == "shampine":
+            return "Dopri5(error_estimate='shampine')"
+        return "Dopri5()"
+
+
 Tsit5 = _make("Tsit5", _T.TSIT5, """Tsitouras 5(4): fifth order, embedded fourth order, FSAL, 4th-order dense output.
 
 Tsitouras (2011), "Runge--Kutta pairs of order 5(4) satisfying only the first column

@@ -1,0 +1,251 @@
+"""The solve loop: oracles (scipy, torchdiffeq), batch modes, saving, failures, dtypes."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import nde
+from nde.solvers import RK4, Bosh3, Dopri5, Dopri8, Tsit5
+
+
+def vdp(t, y, args):
+    mu = 1.0 if args is None else args
+    x, v = y[..., 0], y[..., 1]
+    return torch.stack([v, mu * (1 - x * x) * v - x], dim=-1)
+
+
+# ---------------------------------------------------------------- oracles
+
+
+@pytest.mark.parametrize("backwards", [False, True])
+def test_adaptive_matches_scipy_dop853(backwards):
+    scipy_integrate = pytest.importorskip("scipy.integrate")
+    t0, t1 = (0.0, 6.0) if not backwards else (6.0, 0.0)
+    y0 = torch.tensor([2.0, 0.0], dtype=torch.float64)
+    ts = torch.linspace(t0, t1, 13, dtype=torch.float64)
+    ref = scipy_integrate.solve_ivp(lambda t, y: vdp(t, torch.from_numpy(y), None).numpy(), (t0, t1), y0.numpy(),
+                                    method="DOP853", t_eval=ts.numpy(), rtol=1e-12, atol=1e-12).y.T
+    for solver in [Dopri5(), Tsit5(), Dopri8(), Bosh3()]:
+        sol = nde.solve(nde.ODETerm(vdp), solver, t0, t1, y0, saveat=nde.SaveAt(ts=ts),
+                        controller=nde.PIDController(rtol=1e-9, atol=1e-9))
+        assert sol.result.eq(0).all()
+        err = (sol.ys - torch.from_numpy(ref)).abs().max().item()
+        assert err < 2e-6, (type(solver).__name__, err)
+        torch.testing.assert_close(sol.ts, ts)
+
+
+def test_matches_torchdiffeq_dopri5_trajectory_and_nfe():
+    torchdiffeq = pytest.importorskip("torchdiffeq")
+    torch.manual_seed(0)
+    y0 = torch.randn(16, 2, dtype=torch.float64)
+    ts = torch.linspace(0, 5, 11, dtype=torch.float64)
+    calls = [0]
+
+    def f(t, y):
+        calls[0] += 1
+        return vdp(t, y, None)
+
+    ref = torchdiffeq.odeint(f, y0, ts, rtol=1e-6, atol=1e-8, method="dopri5")
+    ref_nfe = calls[0]
+    exact = torchdiffeq.odeint(f, y0, ts, rtol=1e-12, atol=1e-12, method="dopri5")
+    ctrl = nde.PIDController(rtol=1e-6, atol=1e-8)
+    # with the same (Shampine) error estimate: the same steps, the same NFE, the same trajectory
+    sol = nde.solve(nde.ODETerm(vdp), Dopri5(error_estimate="shampine"), 0.0, 5.0, y0, saveat=nde.SaveAt(ts=ts),
+                    controller=ctrl)
+    assert (sol.ys - ref).abs().max().item() < 2e-6
+    assert abs(sol.stats["nfe"] - ref_nfe) <= 1, (sol.stats["nfe"], ref_nfe)
+    # the original Dormand--Prince estimate: NFE within 10%, at least as accurate
+    sol = nde.solve(nde.ODETerm(vdp), Dopri5(), 0.0, 5.0, y0, saveat=nde.SaveAt(ts=ts), controller=ctrl)
+    assert abs(sol.stats["nfe"] - ref_nfe) <= 0.1 * ref_nfe, (sol.stats["nfe"], ref_nfe)
+    assert (sol.ys - exact).abs().max() <= (ref - exact).abs().max()
+
+
+def test_backwards_in_time_inverts_forwards():
+    y0 = torch.tensor([1.0, -0.5], dtype=torch.float64)
+    ctrl = nde.PIDController(rtol=1e-10, atol=1e-10)
+    fwd = nde.solve(nde.ODETerm(vdp), Tsit5(), 0.0, 3.0, y0, controller=ctrl)
+    back = nde.solve(nde.ODETerm(vdp), Tsit5(), 3.0, 0.0, fwd.ys[-1], controller=ctrl)
+    assert (back.ys[-1] - y0).abs().max().item() < 1e-7
+    assert float(back.ts[-1]) == 0.0
+
+
+def test_exponential_decay_exact_constant_steps():
+    lam = -0.7
+    y0 = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    ts = torch.linspace(0, 2, 5, dtype=torch.float64)
+    sol = nde.solve(lambda t, y: lam * y, RK4(), 0.0, 2.0, y0, dt0=0.01, saveat=nde.SaveAt(ts=ts))
+    exact = y0 * torch.exp(lam * ts)[:, None]
+    assert (sol.ys - exact).abs().max().item() < 1e-9
+    assert sol.stats["num_steps"] == 200
+    assert sol.stats["nfe"] == 800
+
+
+def test_empty_interval_returns_initial_state():
+    y0 = torch.tensor([1.0, 2.0])
+    sol = nde.solve(lambda t, y, a: -y, Tsit5(), 1.0, 1.0, y0, saveat=nde.SaveAt(t0=True, t1=True))
+    torch.testing.assert_close(sol.ys, torch.stack([y0, y0]))
+    assert sol.stats["num_steps"] == 0
+
+
+def test_nn_module_two_argument_vector_field():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+    class F(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, t, y):
+            return self.net(y)
+
+    y0 = torch.randn(4, 3)
+    sol = nde.solve(F(), Tsit5(), 0.0, 1.0, y0)
+    sol.ys[-1].sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+
+
+# ---------------------------------------------------------------- saving and dense output
+
+
+def test_saveat_combinations_and_dense():
+    y0 = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    ts = torch.tensor([0.5, 1.0, 2.5], dtype=torch.float64)
+    sol = nde.solve(vdp, Dopri5(), 0.0, 3.0, y0, saveat=nde.SaveAt(t0=True, ts=ts, t1=True, dense=True),
+                    controller=nde.PIDController(rtol=1e-8, atol=1e-8))
+    torch.testing.assert_close(sol.ts, torch.tensor([0.0, 0.5, 1.0, 2.5, 3.0], dtype=torch.float64))
+    torch.testing.assert_close(sol.ys[0], y0)
+    torch.testing.assert_close(sol.evaluate(torch.tensor(1.0, dtype=torch.float64)), sol.ys[2], atol=1e-12, rtol=0)
+    d = sol.derivative(torch.tensor(2.5, dtype=torch.float64))
+    torch.testing.assert_close(d, vdp(2.5, sol.ys[3], None), atol=1e-5, rtol=0)
+    steps = nde.solve(vdp, Dopri5(), 0.0, 3.0, y0, saveat=nde.SaveAt(steps=True))
+    assert steps.ts.shape[0] == steps.stats["num_accepted_steps"]
+    assert bool((steps.ts[1:] > steps.ts[:-1]).all())
+
+
+def test_progress_bar_runs(capsys):
+    pytest.importorskip("tqdm")
+    y0 = torch.tensor([1.0, 0.0])
+    sol = nde.solve(vdp, RK4(), 0.0, 1.0, y0, dt0=0.01, progress=True)
+    assert sol.stats["num_steps"] == 100
+
+
+# ---------------------------------------------------------------- batch modes
+
+
+def test_independent_mode_step_counts_equal_solo_solves():
+    # one stiff-ish sample (mu = 30) does not drag the easy ones: each sample takes the steps it takes alone
+    mus = torch.tensor([0.5, 30.0, 1.0, 2.0], dtype=torch.float64)
+    y0 = torch.tensor([[2.0, 0.0]] * 4, dtype=torch.float64)
+
+    def f(t, y, args):
+        x, v = y[..., 0], y[..., 1]
+        return torch.stack([v, args * (1 - x * x) * v - x], dim=-1)
+
+    ctrl = nde.PIDController(rtol=1e-6, atol=1e-6)
+    batch = nde.solve(f, Tsit5(), 0.0, 2.0, y0, args=mus, controller=ctrl, batch_mode="independent")
+    joint = nde.solve(f, Tsit5(), 0.0, 2.0, y0, args=mus, controller=ctrl)
+    for i in range(4):
+        solo = nde.solve(f, Tsit5(), 0.0, 2.0, y0[i:i + 1], args=mus[i:i + 1], controller=ctrl)
+        assert int(batch.stats["num_steps"][i]) == solo.stats["num_steps"]
+        assert int(batch.stats["num_accepted_steps"][i]) == solo.stats["num_accepted_steps"]
+        assert (batch.ys[-1, i] - solo.ys[-1, 0]).abs().max().item() < 1e-12
+    assert int(batch.stats["num_steps"][0]) < joint.stats["num_steps"]
+
+
+def test_independent_mode_per_sample_ts_and_intervals():
+    y0 = torch.ones(3, 1, dtype=torch.float64)
+    ts = torch.tensor([[0.1, 0.5], [0.2, 1.0], [0.3, 2.0]], dtype=torch.float64)
+    sol = nde.solve(lambda t, y, a: -y, Dopri5(), 0.0, ts[:, -1], y0, saveat=nde.SaveAt(ts=ts),
+                    controller=nde.PIDController(rtol=1e-9, atol=1e-9), batch_mode="independent")
+    expected = torch.exp(-ts).T[..., None]
+    assert (sol.ys - expected).abs().max().item() < 1e-7
+
+
+# ---------------------------------------------------------------- failures and errors
+
+
+def test_max_steps_and_nonfinite_result_codes():
+    y0 = torch.tensor([[1.0], [1.0]], dtype=torch.float64)
+    with pytest.raises(nde.SolveError, match="max_steps"):
+        nde.solve(lambda t, y, a: -y, Tsit5(), 0.0, 100.0, y0, max_steps=3,
+                  controller=nde.PIDController(rtol=1e-10, atol=1e-10))
+    sol = nde.solve(lambda t, y, a: -y, Tsit5(), 0.0, 100.0, y0, max_steps=3, throw=False,
+                    controller=nde.PIDController(rtol=1e-10, atol=1e-10))
+    assert int(sol.result.max()) == int(nde.RESULTS.max_steps_reached)
+
+    # blow-up in finite time y' = y^2 from y0 = 1 at t = 1: sample 1 blows up, sample 0 does not
+    y0 = torch.tensor([[1.0], [0.1]], dtype=torch.float64)
+    sol = nde.solve(lambda t, y, a: y * y, Tsit5(), 0.0, 2.0, y0, throw=False, batch_mode="independent")
+    assert int(sol.result[1]) == int(nde.RESULTS.successful)
+    assert int(sol.result[0]) in (int(nde.RESULTS.dt_underflow), int(nde.RESULTS.max_steps_reached),
+                                  int(nde.RESULTS.nonfinite))
+    with pytest.raises(nde.SolveError) as info:
+        nde.solve(lambda t, y, a: y * y, Tsit5(), 0.0, 2.0, y0, batch_mode="independent")
+    assert "0" in str(info.value)
+
+
+def test_nonfinite_constant_steps():
+    sol = nde.solve(lambda t, y, a: y * y, RK4(), 0.0, 2.0, torch.tensor([1.0]), dt0=0.25, throw=False)
+    assert int(sol.result.max()) == int(nde.RESULTS.nonfinite)
+    with pytest.raises(nde.SolveError, match="(?i)nan|finite"):
+        nde.solve(lambda t, y, a: y * y, RK4(), 0.0, 2.0, torch.tensor([1.0]), dt0=0.25)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(y0=[1.0, 2.0]), TypeError, "y0"),
+    (dict(y0=torch.tensor([1, 2])), TypeError, "y0"),
+    (dict(t1=float("nan")), ValueError, "t1"),
+    (dict(t1="1"), TypeError, "t1"),
+    (dict(dt0=-0.1), ValueError, "dt0"),
+    (dict(batch_mode="sample"), ValueError, "batch_mode"),
+    (dict(solver="tsit5"), TypeError, "solver"),
+    (dict(saveat=nde.SaveAt(ts=torch.tensor([0.5, 0.2]))), ValueError, "ts"),
+    (dict(saveat=nde.SaveAt(ts=torch.tensor([0.5, 2.0]))), ValueError, "ts"),
+    (dict(controller=nde.ConstantStepSize()), ValueError, "dt0"),
+    (dict(adjoint="direct"), TypeError, "adjoint"),
+    (dict(max_steps=0), ValueError, "max_steps"),
+])
+def test_bad_arguments_are_named(kwargs, exc, match):
+    call = dict(terms=nde.ODETerm(lambda t, y, a: -y), solver=Tsit5(), t0=0.0, t1=1.0, y0=torch.tensor([1.0]))
+    call.update(kwargs)
+    with pytest.raises(exc, match=match):
+        nde.solve(**call)
+
+
+def test_wrong_vector_field_shape_reports_both_shapes():
+    with pytest.raises(ValueError, match=r"\(3,\).*\(2,\)|\(2,\).*\(3,\)"):
+        nde.solve(lambda t, y, a: torch.zeros(3), Tsit5(), 0.0, 1.0, torch.zeros(2))
+
+
+# ---------------------------------------------------------------- dtypes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("solver", [Tsit5(), RK4()], ids=["Tsit5", "RK4"])
+def test_dtype_follows_y0_without_promotion(dtype, solver):
+    seen = []
+
+    def f(t, y, args):
+        seen.append((y.dtype, t.dtype if isinstance(t, torch.Tensor) else None))
+        return -y
+
+    ts = torch.linspace(0, 1, 4)
+    dt0 = 0.1 if isinstance(solver, RK4) else None
+    sol = nde.solve(f, solver, 0.0, 1.0, torch.ones(2, dtype=dtype), dt0=dt0, saveat=nde.SaveAt(ts=ts, dense=True))
+    assert sol.ys.dtype == dtype
+    assert sol.evaluate(0.5).dtype == dtype
+    assert all(d == dtype for d, _ in seen)
+    assert all(td in (None, dtype) for _, td in seen)
+    tol = 1e-3 if dt0 is None else 1e-5 if dtype == torch.float32 else 1e-6
+    assert (sol.ys[-1] - math.exp(-1)).abs().max().item() < tol
+
+
+def test_float32_long_solve_time_does_not_drift():
+    # 100000 constant steps of 1e-5: float64 time accumulation lands on t1 exactly
+    sol = nde.solve(lambda t, y, a: torch.ones_like(y), nde.solvers.Euler(), 0.0, 1.0, torch.zeros(1),
+                    dt0=1e-5, saveat=nde.SaveAt(t1=True))
+    assert sol.stats["num_steps"] == 100000
+    assert abs(float(sol.ts[-1]) - 1.0) == 0.0
+    assert abs(float(sol.ys[-1]) - 1.0) < 1e-3
