@@ -13,3 +13,4 @@ from . import solvers
 __version__ = "0.1.0"
 
 # ---- exports added by the individual feature modules below (one line each) ----
+from ._event import Event

@@ -382,6 +382,8 @@ def _integrate_joint(p: Problem) -> Solution:
     bar = _progress_bar(p)
     max_steps = p.max_steps
     first = True
+    ev = None if p.event is None else p.event._joint(p, y)
+    hit = None
     while t < tend:
         if max_steps is not None and num_steps >= max_steps:
             result = RESULTS.max_steps_reached
@@ -410,20 +412,30 @@ def _integrate_joint(p: Problem) -> Solution:
             accept, nt0, nt1, jump, cstate, _ = controller.adapt_joint(t, t_next, y, y1, y_err, cstate)
         if accept:
             accepted += 1
-            if ts_idx < n_ts and ts_list[ts_idx] <= t_next:
-                j = bisect.bisect_right(ts_list, t_next, lo=ts_idx)
+            t_hi = t_full = t_next
+            if ev is not None:
+                hit, n = ev.step(t, t_next, y1, info)
+                nfe += n
+                if hit is not None:  # a terminal event: the solve ends inside this step
+                    t_hi = float(hit[0].detach())
+            if ts_idx < n_ts and ts_list[ts_idx] <= t_hi:
+                j = bisect.bisect_right(ts_list, t_hi, lo=ts_idx)
                 nfe += _save_interp(ys_out, solver, terms, args, t, t_next, info, y1, ts_list[ts_idx:j])
                 ts_idx = j
+            if hit is not None:
+                y1, t_next, result = hit[1], t_hi, RESULTS.event_occurred
             if saveat.steps:
                 step_ts.append(t_next)
                 step_ys.append(y1)
             if dense is not None:
-                dense.add(t, t_next, info)
+                dense.add(t, t_full, info)
             if bar is not None:
                 bar.update(t_next - t)
             y = y1
             state = solver.init(terms, nt0, tend, y, args)[0] if jump else new_state
             t = t_next
+            if hit is not None:
+                break
         else:
             rejected += 1
             if nt1 - nt0 <= 8 * math.ulp(max(abs(nt0), 1e-300)) or (
@@ -444,6 +456,8 @@ def _integrate_joint(p: Problem) -> Solution:
                 t_next = tend
     if bar is not None:
         bar.close()
+    if hit is not None:  # outputs after a terminal event hold the state at the event
+        ys_out.extend([y] * (n_ts - ts_idx))
     if saveat.t1:
         ys_out.append(y)
     if saveat.steps:
@@ -452,7 +466,8 @@ def _integrate_joint(p: Problem) -> Solution:
     out_ts = _output_ts_joint(p, step_ts, t)
     stats = {"num_steps": num_steps, "num_accepted_steps": accepted, "num_rejected_steps": rejected, "nfe": nfe}
     res = torch.tensor(int(result))
-    return Solution(out_ts, ys, stats, res, p.t0_in, p.t1_in, dense=dense, batch_mode="joint")
+    sol = Solution(out_ts, ys, stats, res, p.t0_in, p.t1_in, dense=dense, batch_mode="joint")
+    return sol if ev is None else ev.finish(sol, hit)
 
 
 def _bad_samples(y1, p):
@@ -616,6 +631,7 @@ def _integrate_independent(p: Problem) -> Solution:
     t_next = torch.where(active, t_next, t)
     first = True
     bar = _progress_bar(p)
+    ev = None if p.event is None else p.event._independent(p, yf, t0_full, tend_full, pad)
     done_y = {}
     step_no = 0
     while True:
@@ -676,13 +692,20 @@ def _integrate_independent(p: Problem) -> Solution:
                 active = active & ~under
         n_acc[widx[accept]] += 1
         n_rej[widx[active & ~accept]] += 1
+        ev_hit, t_save = None, tn
+        if ev is not None:
+            ev_hit, t_ev, y_ev, n = ev.step(widx, accept, t, tn, y1, info)
+            if ev_hit is not None:
+                t_save = torch.where(ev_hit, t_ev, tn)
+            if n:
+                nfe[widx[active]] += n
         # saving
         if n_ts:
             gl = widx
             ptr = ts_ptr[gl]
             while True:
                 cand = ts_full[gl, ptr.clamp(max=n_ts - 1)]
-                pend = accept & (ptr < n_ts) & (cand <= tn)
+                pend = accept & (ptr < n_ts) & (cand <= t_save)
                 if not bool(pend.any()):
                     break
                 denom = torch.where(tn > t, tn - t, torch.ones_like(t))
@@ -700,10 +723,18 @@ def _integrate_independent(p: Problem) -> Solution:
             dense.add(tb(t), tb(tn), accept, info)
         if bar is not None:
             bar.update(float((torch.where(accept, tn - t, torch.zeros_like(t))).max()))
+        if ev_hit is not None:  # samples with a terminal event end inside this step
+            if n_ts:
+                ys_ts = ev.after_save(ys_ts, ts_ptr, widx, ev_hit, y_ev)
+            y1 = torch.where(tb(ev_hit), y_ev, y1)
+            tn = t_save
+            result[widx[ev_hit]] = int(RESULTS.event_occurred)
         y = torch.where(tb(accept), y1, y)
         state = _tree_where(accept, new_state, state)
         t = torch.where(accept, tn, t)
         active = active & (t < tend)
+        if ev_hit is not None:
+            active = active & ~ev_hit
         if constant:
             t_next = torch.where(tend - nt1 > 1e-9 * (nt1 - t), nt1, tend)
         else:
@@ -745,4 +776,6 @@ def _integrate_independent(p: Problem) -> Solution:
     sol = Solution(out_ts_t, ys, stats, res, p.t0_in, p.t1_in, dense=None, batch_mode="independent")
     if step_records is not None:
         sol.steps = step_records
+    if ev is not None:
+        ev.finish(sol, bshape, y0)
     return sol
