@@ -206,6 +206,15 @@ def test_nonfinite_constant_steps():
     (dict(controller=nde.ConstantStepSize()), ValueError, "dt0"),
     (dict(adjoint="direct"), TypeError, "adjoint"),
     (dict(max_steps=0), ValueError, "max_steps"),
+    (dict(max_steps=2.5), ValueError, "max_steps"),
+    (dict(y0=torch.tensor([float("nan")])), ValueError, "y0"),
+    (dict(y0=torch.tensor([1j])), TypeError, "y0"),
+    (dict(saveat=nde.SaveAt(ts=torch.tensor([[0.5], [0.6]]))), ValueError, "ts"),
+    (dict(saveat=nde.SaveAt(ts=torch.tensor([0.5, float("inf")]))), ValueError, "ts"),
+    (dict(t0=1.0, t1=0.0, saveat=nde.SaveAt(ts=torch.tensor([0.5, 0.7]))), ValueError, "ts"),
+    (dict(dt0=float("nan")), ValueError, "dt0"),
+    (dict(batch_mode="independent", batch_ndim=3), ValueError, "batch_ndim"),
+    (dict(terms=None), TypeError, "terms"),
 ])
 def test_bad_arguments_are_named(kwargs, exc, match):
     call = dict(terms=nde.ODETerm(lambda t, y, a: -y), solver=Tsit5(), t0=0.0, t1=1.0, y0=torch.tensor([1.0]))

@@ -1,0 +1,139 @@
+"""Forward-solve speed of nde against torchdiffeq and torchode on the same neural vector fields.
+
+Problems (2-hidden-layer tanh MLP vector fields, random initial states, Dopri5):
+  * batch 256, state dim 16, width 64, t1 = 5
+  * batch 16,  state dim 4,  width 32, t1 = 10
+at rtol = atol = 1e-6 and 1e-8. For every library: median forward wall time over repeats, NFE,
+steps, and the overhead factor = wall time / (NFE x time of one vector-field evaluation), whose
+physical limit for an eager implementation is 1.0.
+
+Run: python benchmarks/foundation.py [--repeats N] [--quick]
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import nde
+
+
+def mlp(dim, width):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(dim, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, dim))
+
+
+def timeit(fn, repeats):
+    fn()  # warm up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def eval_time(net, y0, repeats=200):
+    with torch.no_grad():
+        for _ in range(20):
+            net(y0)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            net(y0)
+        return (time.perf_counter() - t0) / repeats
+
+
+def run_nde(net, y0, t1, tol, solver, batch_mode):
+    term = nde.ODETerm(lambda t, y, args: net(y))
+    ctrl = nde.PIDController(rtol=tol, atol=tol)
+
+    def go():
+        with torch.no_grad():
+            sol = nde.solve(term, solver, 0.0, t1, y0, controller=ctrl, batch_mode=batch_mode)
+        st = sol.stats
+        nfe = st["nfe"] if batch_mode == "joint" else int(st["nfe"].max())
+        steps = st["num_steps"] if batch_mode == "joint" else int(st["num_steps"].max())
+        return nfe, steps
+
+    return go
+
+
+def run_torchdiffeq(net, y0, t1, tol):
+    import torchdiffeq
+
+    calls = [0]
+
+    def f(t, y):
+        calls[0] += 1
+        return net(y)
+
+    ts = torch.tensor([0.0, t1])
+
+    def go():
+        calls[0] = 0
+        with torch.no_grad():
+            torchdiffeq.odeint(f, y0, ts, rtol=tol, atol=tol, method="dopri5")
+        return calls[0], None
+
+    return go
+
+
+def run_torchode(net, y0, t1, tol):
+    import torchode as to
+
+    term = to.ODETerm(lambda t, y: net(y))
+    method = to.Dopri5(term=term)
+    ctrl = to.IntegralController(atol=tol, rtol=tol, term=term)
+    solver = to.AutoDiffAdjoint(method, ctrl)
+    t_eval = torch.tensor([0.0, t1]).expand(y0.shape[0], 2)
+
+    def go():
+        with torch.no_grad():
+            sol = solver.solve(to.InitialValueProblem(y0=y0, t_eval=t_eval))
+        return int(sol.stats["n_f_evals"].max()), int(sol.stats["n_steps"].max())
+
+    return go
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="only rtol=atol=1e-6")
+    a = parser.parse_args()
+    torch.set_num_threads(1)
+    problems = [("batch256/dim16/w64", 256, 16, 64, 5.0), ("batch16/dim4/w32", 16, 4, 32, 10.0)]
+    tols = [1e-6] if a.quick else [1e-6, 1e-8]
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, median of {a.repeats}")
+    print(f"{'problem':20s} {'tol':>6s} {'library':28s} {'time ms':>9s} {'NFE':>6s} {'steps':>6s} {'overhead':>9s} {'vs torchdiffeq':>15s}")
+    for name, batch, dim, width, t1 in problems:
+        net = mlp(dim, width)
+        torch.manual_seed(1)
+        y0 = torch.randn(batch, dim)
+        t_f = eval_time(net, y0)
+        for tol in tols:
+            runs = [("torchdiffeq dopri5", run_torchdiffeq(net, y0, t1, tol))]
+            try:
+                import torchode  # noqa: F401
+
+                runs.append(("torchode dopri5 (per-sample)", run_torchode(net, y0, t1, tol)))
+            except ImportError:
+                pass
+            runs += [
+                ("nde Dopri5 joint", run_nde(net, y0, t1, tol, nde.solvers.Dopri5(), "joint")),
+                ("nde Dopri5(shampine) joint", run_nde(net, y0, t1, tol, nde.solvers.Dopri5("shampine"), "joint")),
+                ("nde Tsit5 joint", run_nde(net, y0, t1, tol, nde.solvers.Tsit5(), "joint")),
+                ("nde Dopri5 independent", run_nde(net, y0, t1, tol, nde.solvers.Dopri5(), "independent")),
+            ]
+            base = None
+            for lib, go in runs:
+                wall, (nfe, steps) = timeit(go, a.repeats)
+                base = wall if base is None else base
+                over = wall / (nfe * t_f)
+                print(f"{name:20s} {tol:6.0e} {lib:28s} {wall * 1e3:9.2f} {nfe:6d} {str(steps or '-'):>6s} "
+                      f"{over:9.2f} {wall / base:14.2f}x")
+
+
+if __name__ == "__main__":
+    main()
