@@ -14,6 +14,8 @@ __version__ = "0.1.0"
 
 # ---- exports added by the individual feature modules below (one line each) ----
 from ._event import Event
+from ._checkpoint import CheckpointAdjoint
+from ._backsolve import BacksolveAdjoint
 from ._interpolation import (
     CubicSpline, LinearInterpolation, hermite_cubic_coefficients_with_backward_differences, last_observation_times,
     linear_interpolation_coeffs, natural_cubic_coeffs, natural_cubic_spline_coeffs, rectilinear_interpolation_coeffs,

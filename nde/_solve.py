@@ -23,7 +23,7 @@ class Problem:
     __slots__ = (
         "terms", "solver", "t0", "t1", "y0", "dt0", "args", "saveat", "controller", "max_steps", "batch_mode",
         "batch_ndim", "throw", "progress", "sign", "ts", "ts_per_sample", "user_terms", "t0_in", "t1_in", "ts_in",
-        "event",
+        "event", "on_accept",
     )
 
     def replace(self, **kw):
@@ -381,6 +381,7 @@ def _integrate_joint(p: Problem) -> Solution:
         nfe += n
     bar = _progress_bar(p)
     max_steps = p.max_steps
+    on_accept = getattr(p, "on_accept", None)
     first = True
     ev = None if p.event is None else p.event._joint(p, y)
     hit = None
@@ -434,6 +435,8 @@ def _integrate_joint(p: Problem) -> Solution:
             y = y1
             state = solver.init(terms, nt0, tend, y, args)[0] if jump else new_state
             t = t_next
+            if on_accept is not None:
+                on_accept(t, y, state, jump)
             if hit is not None:
                 break
         else:

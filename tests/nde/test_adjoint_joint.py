@@ -1,0 +1,183 @@
+"""Checkpointed and continuous adjoints in joint batch mode: agreement with DirectAdjoint and gradcheck."""
+
+import pytest
+import torch
+
+import nde
+from nde.solvers import RK4, Dopri5, Heun, Tsit5
+
+
+def _net(dim=3, width=8):
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Linear(dim, width), torch.nn.Tanh(), torch.nn.Linear(width, dim)).double()
+
+
+def _grads(adjoint, solver, net, y0, saveat, t0=0.0, t1=1.3, **kw):
+    def f(t, y, args):
+        return net(y) * (1 + 0.1 * t)
+
+    sol = nde.solve(f, solver, t0, t1, y0, saveat=saveat, adjoint=adjoint, **kw)
+    loss = (sol.ys**2).sum() + sol.ys.sum()
+    g = torch.autograd.grad(loss, [y0, *net.parameters()])
+    return torch.cat([x.flatten() for x in g]), sol
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+SAVEATS = {
+    "t1": lambda: nde.SaveAt(t1=True),
+    "ts": lambda: nde.SaveAt(t0=True, ts=torch.linspace(0.0, 1.3, 6), t1=True),
+    "steps": lambda: nde.SaveAt(steps=True),
+}
+SOLVERS = {
+    "tsit5": (Tsit5, dict(controller=nde.PIDController(rtol=1e-7, atol=1e-9))),
+    "dopri5": (Dopri5, dict(controller=nde.PIDController(rtol=1e-6, atol=1e-8))),
+    "rk4": (RK4, dict(dt0=0.05)),
+    "heun": (Heun, dict(controller=nde.PIDController(rtol=1e-4, atol=1e-6))),
+}
+
+
+@pytest.mark.parametrize("solver", list(SOLVERS))
+@pytest.mark.parametrize("saveat", list(SAVEATS))
+@pytest.mark.parametrize("checkpoints", [None, 1, 3])
+def test_checkpoint_equals_direct(solver, saveat, checkpoints):
+    net = _net()
+    y0 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    cls, kw = SOLVERS[solver]
+    ref, sol_d = _grads(nde.DirectAdjoint(), cls(), net, y0, SAVEATS[saveat](), **kw)
+    got, sol_c = _grads(nde.CheckpointAdjoint(checkpoints=checkpoints), cls(), net, y0, SAVEATS[saveat](), **kw)
+    assert sol_c.stats["num_steps"] == sol_d.stats["num_steps"] > 2
+    assert torch.equal(sol_c.ys, sol_d.ys)
+    assert _rel(got, ref) < 1e-10
+
+
+@pytest.mark.parametrize("solver", ["tsit5", "rk4"])
+@pytest.mark.parametrize("saveat", ["t1", "ts"])
+def test_backsolve_matches_direct(solver, saveat):
+    net = _net()
+    y0 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    cls, kw = SOLVERS[solver]
+    kw = dict(kw)
+    if solver == "tsit5":
+        kw["controller"] = nde.PIDController(rtol=1e-9, atol=1e-11)
+    ref, _ = _grads(nde.DirectAdjoint(), cls(), net, y0, SAVEATS[saveat](), **kw)
+    for norm in ("seminorm", "rms"):
+        adj = nde.BacksolveAdjoint(norm=norm)
+        got, _ = _grads(adj, cls(), net, y0, SAVEATS[saveat](), **kw)
+        assert _rel(got, ref) < (1e-7 if solver == "tsit5" else 1e-6)
+        assert adj.backward_stats["nfe"] > 0
+
+
+def test_seminorm_takes_fewer_steps():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(),
+                              torch.nn.Linear(64, 16))
+    y0 = torch.randn(32, 16, requires_grad=True)
+    nfes = {}
+    for norm in ("seminorm", "rms"):
+        adj = nde.BacksolveAdjoint(norm=norm)
+        sol = nde.solve(lambda t, y: net(y), Dopri5(), 0.0, 5.0, y0, adjoint=adj,
+                        controller=nde.PIDController(rtol=1e-6, atol=1e-6))
+        (sol.ys**2).sum().backward()
+        nfes[norm] = adj.backward_stats["nfe"]
+    assert nfes["seminorm"] <= 0.75 * nfes["rms"], nfes
+
+
+@pytest.mark.parametrize("adjoint", ["checkpoint", "backsolve"])
+def test_gradcheck_joint(adjoint):
+    torch.manual_seed(0)
+    w = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
+    y0 = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    args = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    t0 = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    t1 = torch.tensor(0.9, dtype=torch.float64, requires_grad=True)
+
+    def f(t, y, a):
+        return torch.tanh(y @ w) + a * torch.cos(t)
+
+    def fn(y0, w_, a, t0, t1):
+        adj = nde.CheckpointAdjoint(params=[w_]) if adjoint == "checkpoint" else nde.BacksolveAdjoint(params=[w_])
+        g = (lambda t, y, aa: torch.tanh(y @ w_) + aa * torch.cos(t))
+        sol = nde.solve(g, RK4(), t0, t1, y0, dt0=0.04, args=a, adjoint=adj,
+                        saveat=nde.SaveAt(ts=[0.3, 0.5], t1=True))
+        return sol.ys
+
+    # the time derivatives are those of the exact flow: finite differences of a fine fixed-step solve
+    assert torch.autograd.gradcheck(fn, (y0, w, args, t0, t1), atol=1e-5, rtol=1e-4)
+    del f
+
+
+def test_gradients_backwards_in_time_and_wrt_times():
+    net = _net(2, 6)
+    y0 = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    t0 = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    t1 = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+
+    def f(t, y):
+        return net(y) * torch.cos(t)
+
+    ctrl = nde.PIDController(rtol=1e-10, atol=1e-12)
+    res = {}
+    for name, adj in (("checkpoint", nde.CheckpointAdjoint()), ("backsolve", nde.BacksolveAdjoint())):
+        sol = nde.solve(f, Tsit5(), t0, t1, y0, adjoint=adj, controller=ctrl)
+        res[name] = torch.stack(torch.autograd.grad((sol.ys**2).sum(), [t0, t1]))
+
+    def loss(a, b):
+        with torch.no_grad():
+            return (nde.solve(f, Tsit5(), a, b, y0, controller=ctrl).ys ** 2).sum()
+
+    eps = 1e-5
+    fd = torch.stack([(loss(1 + eps, 0.2) - loss(1 - eps, 0.2)) / (2 * eps),
+                      (loss(1.0, 0.2 + eps) - loss(1.0, 0.2 - eps)) / (2 * eps)])
+    for v in res.values():
+        assert torch.allclose(v, fd, rtol=1e-6, atol=1e-8)
+
+
+def test_closure_parameters_found_and_errors():
+    w = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
+    y0 = torch.randn(2, dtype=torch.float64)
+    for adj in (nde.CheckpointAdjoint(), nde.BacksolveAdjoint()):
+        sol = nde.solve(lambda t, y: torch.tanh(w @ y), RK4(), 0.0, 1.0, y0, dt0=0.1, adjoint=adj)
+        (g,) = torch.autograd.grad(sol.ys.sum(), [w])
+        sol = nde.solve(lambda t, y: torch.tanh(w @ y), RK4(), 0.0, 1.0, y0, dt0=0.1)
+        (g_ref,) = torch.autograd.grad(sol.ys.sum(), [w])
+        assert torch.allclose(g, g_ref, rtol=1e-4 if isinstance(adj, nde.BacksolveAdjoint) else 1e-10)
+    with pytest.raises(ValueError, match="checkpoints"):
+        nde.CheckpointAdjoint(checkpoints=0)
+    with pytest.raises(ValueError, match="norm"):
+        nde.BacksolveAdjoint(norm="l2")
+    with pytest.raises(ValueError, match="dense"):
+        nde.solve(lambda t, y: -y, RK4(), 0.0, 1.0, y0, dt0=0.1, saveat=nde.SaveAt(dense=True),
+                  adjoint=nde.CheckpointAdjoint())
+
+
+def test_binomial_schedule_recomputation_bound():
+    from nde._checkpoint import binomial_split, default_checkpoints
+
+    # every step advanced at most r times with C(c + r, c) >= n: count advances of the schedule
+    for n, c in ((100, 4), (1000, 12), (57, 2)):
+        advances = 0
+        stack, end = [0], n
+        while end > 0:
+            i0 = stack[-1]
+            if end - i0 == 1:
+                end = i0
+                if i0 > 0:
+                    stack.pop()
+                continue
+            free = c - len(stack)
+            if free <= 0:
+                advances += end - 1 - i0
+                end -= 1
+                continue
+            m = i0 + binomial_split(end - i0, free)
+            advances += m - i0
+            stack.append(m)
+        r = 1
+        import math
+        while math.comb(c - 1 + r, r) < n:
+            r += 1
+        assert advances <= r * n
+    assert default_checkpoints(1000) == 44
