@@ -1,0 +1,478 @@
+"""Brownian motion as a path: exact, seed-determined samples of increments and space-time Lévy areas.
+
+Construction
+------------
+``[t0, t1]`` is cut into cells of width ``dt`` (the last one may be shorter). The cells' increments
+``W_k`` and time integrals ``I_k = int_cell (W(r) - W(a_k)) dr`` are independent Gaussians, drawn
+in chunks of cells from a generator seeded by ``(seed, chunk)``; their prefix sums give ``W`` and
+``J(t) = int_{t0}^t W(r) dr`` on the cell grid. Inside a cell, ``W`` is refined by a canonical
+dyadic Brownian bridge: the two halves of a dyadic interval are drawn conditionally on the
+interval's ``(W, I)`` with noise seeded by ``(seed, cell, depth, index)``, down to ``depth``
+levels. Every value is therefore a fixed function of the seed: the same whatever the order of
+the queries, after cache evictions and in the backward pass. Query times are rounded to the
+grid of spacing ``dt / 2**depth``; on that grid the samples are exact.
+
+The space-time Lévy area over ``[s, u]`` (``h = u - s``) is
+``H = (1/h) int_s^u (W(s, r) - (r - s)/h W(s, u)) dr``, ``H ~ N(0, h/12)`` independent of ``W(s, u)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from ._path import AbstractPath
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix(*xs) -> int:
+    """A 63-bit hash of integers (splitmix64 finaliser chained over the inputs)."""
+    z = 0x9E3779B97F4A7C15
+    for x in xs:
+        z = (z ^ (int(x) & _MASK64)) & _MASK64
+        z = (z + 0x9E3779B97F4A7C15) & _MASK64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        z = z ^ (z >> 31)
+    return z & ((1 << 63) - 1)
+
+
+def _bridge_matrices():
+    """Conditional law of the two halves of an interval given its ``(W, I)``, in units of the parent.
+
+    Unknowns ``X = (W1, I1, W2, I2)`` (increments and time integrals of both halves, lengths 1/2),
+    observed ``O = (W, I) = (W1 + W2, I1 + W1 / 2 + I2)``. Returns ``M`` (4x2) and ``L`` (4x2)
+    with ``X | O ~ M O + L Z``, ``Z ~ N(0, I_2)``.
+    """
+    c = np.array([[1 / 2, 1 / 8], [1 / 8, 1 / 24]])
+    sxx = np.zeros((4, 4))
+    sxx[:2, :2] = c
+    sxx[2:, 2:] = c
+    a = np.array([[1.0, 0.0, 1.0, 0.0], [0.5, 1.0, 0.0, 1.0]])
+    sxo = sxx @ a.T
+    soo = a @ sxx @ a.T
+    m = sxo @ np.linalg.inv(soo)
+    cov = sxx - m @ sxo.T
+    vals, vecs = np.linalg.eigh((cov + cov.T) / 2)
+    keep = np.argsort(vals)[-2:]
+    lmat = vecs[:, keep] * np.sqrt(np.clip(vals[keep], 0, None))
+    return m, lmat
+
+
+_M, _L = _bridge_matrices()
+
+
+class _LRU(OrderedDict):
+    def __init__(self, size):
+        super().__init__()
+        self.size = size
+
+    def get(self, key):
+        v = OrderedDict.get(self, key)
+        if v is not None:
+            self.move_to_end(key)
+        return v
+
+    def put(self, key, value):
+        self[key] = value
+        self.move_to_end(key)
+        if len(self) > self.size:
+            self.popitem(last=False)
+
+
+class BrownianInterval(AbstractPath):
+    """A Brownian motion on ``[t0, t1]``, sampled exactly and lazily, determined by its seed.
+
+    ``W(s, u) ~ N(0, (u - s) I)`` with independent increments; optionally the space-time Lévy
+    area ``H(s, u) ~ N(0, (u - s)/12 I)`` (independent of ``W(s, u)``) that high-order additive-
+    noise solvers (SRA1, ShARK) use. Values do not depend on the order of the queries: the path
+    is a fixed function of ``seed`` (a canonical dyadic bridge below a grid of cells of width
+    ``dt``), so forward pass, backward pass and rejected adaptive steps all see the same path.
+
+    Queries on the cell grid ``t0 + k dt`` cost one slice (fixed-step solves: pass the solver's
+    step as ``dt``); other times descend at most ``depth`` cached bridge levels. Query times are
+    rounded to the grid of spacing ``dt / 2**depth``.
+
+    Kidger, Foster, Li, Lyons (2021), "Efficient and accurate gradients for neural SDEs", NeurIPS;
+    Foster (2020), "Numerical approximations for stochastic differential equations", thesis.
+
+    Parameters
+    ----------
+    t0, t1:
+        The interval (``t0 < t1``).
+    shape:
+        Shape of ``W(t)``, e.g. ``(batch, m)``. In ``batch_mode="independent"`` solves the leading
+        dimensions must be the batch dimensions.
+    seed:
+        Integer seed; None draws one from torch's global generator.
+    levy_area:
+        ``"none"`` or ``"space-time"``.
+    dtype, device:
+        Of the returned tensors (sampling is done in float64).
+    dt:
+        Width of the cells; None uses ``(t1 - t0) / 256``. Pass the step size of fixed-step solves.
+    depth:
+        Bridge levels below a cell (time resolution ``dt / 2**depth``).
+    cache_size:
+        Number of bridge nodes and point values kept (LRU).
+    """
+
+    def __init__(self, t0, t1, shape, seed=None, levy_area="none", dtype=torch.float32, device=None, dt=None,
+                 depth=12, cache_size=256, chunk_elements=1 << 21):
+        t0, t1 = float(t0), float(t1)
+        if not (math.isfinite(t0) and math.isfinite(t1)) or not t0 < t1:
+            raise ValueError(f"BrownianInterval needs finite t0 < t1; got t0={t0}, t1={t1}.")
+        if isinstance(shape, int):
+            shape = (shape,)
+        try:
+            shape = tuple(int(s) for s in shape)
+        except TypeError:
+            raise TypeError(f"shape must be an int or a tuple of ints; got {shape!r}.") from None
+        if any(s < 0 for s in shape):
+            raise ValueError(f"shape must have nonnegative entries; got {shape}.")
+        if levy_area in ("space_time", "spacetime"):
+            levy_area = "space-time"
+        if levy_area not in ("none", "space-time"):
+            raise ValueError(f"levy_area must be 'none' or 'space-time'; got {levy_area!r}.")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point torch.dtype; got {dtype!r}.")
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int or None; got {type(seed).__name__}.")
+        L = t1 - t0
+        if dt is None:
+            dt = L / 256
+        dt = float(abs(dt))
+        if not math.isfinite(dt) or dt <= 0:
+            raise ValueError(f"dt must be a positive number; got {dt}.")
+        n = max(1, math.ceil(L / dt - 1e-9))
+        dt = min(dt, L)
+        if not isinstance(depth, int) or not 0 <= depth <= 50:
+            raise ValueError(f"depth must be an integer in [0, 50]; got {depth!r}.")
+        self._t0, self._t1 = t0, t1
+        self.shape = shape
+        self.seed = seed
+        self.levy_area = levy_area
+        self.dtype = dtype
+        self.device = torch.device("cpu") if device is None else torch.device(device)
+        self.dt = dt
+        self.n_cells = n
+        self.depth = depth
+        self._levy = levy_area == "space-time"
+        numel = max(1, math.prod(shape))
+        self._chunk = max(1, min(n, chunk_elements // numel))
+        self._gen = torch.Generator(device=self.device)
+        self._nodes = _LRU(cache_size)
+        self._points = _LRU(cache_size)
+        self._chunks = _LRU(max(2, cache_size // 16))
+        self._chunk_start = [(torch.zeros(shape, dtype=torch.float64, device=self.device),
+                              torch.zeros(shape, dtype=torch.float64, device=self.device) if self._levy else None)]
+        self._grid_tol = 1e-9 * dt
+        self._bridge = np.concatenate([_M, _L], 1).tolist()
+
+    # ---- AbstractPath ---------------------------------------------------------------------
+    @property
+    def t0(self):
+        return self._t0
+
+    @property
+    def t1(self):
+        return self._t1
+
+    def __repr__(self):
+        return (f"BrownianInterval(t0={self._t0}, t1={self._t1}, shape={self.shape}, levy_area={self.levy_area!r}, "
+                f"dt={self.dt}, dtype={self.dtype})")
+
+    def __call__(self, ta, tb=None, use_levy=False):
+        return self.evaluate(ta, tb, use_levy=use_levy)
+
+    def evaluate(self, t0, t1=None, left=True, use_levy=False):
+        """``W(t0)`` (with ``W(self.t0) = 0``), or the increment ``W(t1) - W(t0)``.
+
+        With ``use_levy=True`` (needs ``levy_area="space-time"``) returns ``(W, H)`` where ``H`` is
+        the space-time Lévy area over the interval between ``t0`` and ``t1``.
+
+        Times are floats or 0-d tensors, or tensors with one time per sample (shape
+        ``batch_shape + (1,) * k`` as in independent-mode solves).
+        """
+        if use_levy and not self._levy:
+            raise ValueError("Lévy areas were requested but this BrownianInterval has levy_area='none'; "
+                             "create it with levy_area='space-time'.")
+        if t1 is None:
+            if use_levy:
+                raise ValueError("A Lévy area needs an interval: pass both t0 and t1.")
+            if isinstance(t0, torch.Tensor) and t0.numel() > 1:
+                return self._per_sample(t0, None, False)
+            k, j, t = self._locate(_scalar(t0))
+            return self._point(k, j, t)[0].to(self.dtype)
+        if (isinstance(t0, torch.Tensor) and t0.numel() > 1) or (isinstance(t1, torch.Tensor) and t1.numel() > 1):
+            return self._per_sample(t0, t1, use_levy)
+        return self._increment(_scalar(t0), _scalar(t1), use_levy)
+
+    # ---- locating times -------------------------------------------------------------------
+    def _locate(self, t):
+        """Cell index ``k``, dyadic position ``j`` (of ``2**depth``) inside it, and the rounded time."""
+        lo, hi = self._t0, self._t1
+        tol = 1e-9 * (hi - lo)
+        if not (lo - tol <= t <= hi + tol):
+            raise ValueError(f"Time {t} lies outside the BrownianInterval's interval [{lo}, {hi}].")
+        x = (t - lo) / self.dt
+        k = round(x)
+        if abs(t - (lo + k * self.dt)) <= self._grid_tol or t >= hi - self._grid_tol:
+            k = min(k, self.n_cells) if t < hi - self._grid_tol else self.n_cells
+            return k, 0, (lo + k * self.dt if k < self.n_cells else hi)
+        k = min(int(math.floor(x)), self.n_cells - 1)
+        a = lo + k * self.dt
+        w = self._cell_width(k)
+        scale = 1 << self.depth
+        j = round((t - a) / w * scale)
+        if j >= scale:
+            return k + 1, 0, (a + w if k + 1 < self.n_cells else hi)
+        if j <= 0:
+            return k, 0, a
+        return k, j, a + w * j / scale
+
+    def _cell_width(self, k):
+        if k < self.n_cells - 1:
+            return self.dt
+        return self._t1 - (self._t0 + (self.n_cells - 1) * self.dt)
+
+    # ---- cells ----------------------------------------------------------------------------
+    def _normal(self, n, key):
+        self._gen.manual_seed(key)
+        return torch.randn((n,) + self.shape, generator=self._gen, dtype=torch.float32, device=self.device)
+
+    def _chunk_data(self, c, prefix=False):
+        """Cell values of chunk ``c`` (generated on demand, cached); with ``prefix`` also the float64
+        in-chunk prefix sums of ``W`` and ``J``."""
+        data = self._chunks.get(c)
+        if data is None:
+            first = c * self._chunk
+            last = min(first + self._chunk, self.n_cells)
+            n = last - first
+            widths = torch.full((n,), self.dt, dtype=torch.float64, device=self.device)
+            if last == self.n_cells:
+                widths[-1] = self._cell_width(self.n_cells - 1)
+            wsh = widths.reshape((n,) + (1,) * len(self.shape))
+            z = self._normal(2 * n if self._levy else n, _mix(self.seed, 1, c))
+            zw = z[:n]
+            zh = z[n:] if self._levy else None
+            if self.dtype == torch.float64:
+                w_out = zw.double() * wsh.sqrt()
+                h_out = None if zh is None else zh.double() * (wsh / 12).sqrt()
+            else:
+                sq = wsh.sqrt().to(torch.float32)
+                w_out = (zw * sq).to(self.dtype)
+                h_out = None if zh is None else (zh * (sq * (1 / math.sqrt(12)))).to(self.dtype)
+            data = {"zw": zw, "zh": zh, "wsh": wsh, "W_out": w_out, "H_out": h_out, "start": first,
+                    "len": float(widths.sum()), "W": None}
+            self._chunks.put(c, data)
+        if prefix and data["W"] is None:
+            wsh = data["wsh"]
+            W = data["zw"].double() * wsh.sqrt()
+            zero = torch.zeros((1,) + self.shape, dtype=torch.float64, device=self.device)
+            PW = torch.cat([zero, torch.cumsum(W, 0)])
+            if self._levy:
+                H = data["zh"].double() * (wsh / 12).sqrt()
+                I = wsh * (H + 0.5 * W)
+                PJ = torch.cat([zero, torch.cumsum(wsh * PW[:-1] + I, 0)])
+            else:
+                I = PJ = None
+            data.update(W=W, I=I, PW=PW, PJ=PJ)
+        return data
+
+    def _start_of_chunk(self, c):
+        while len(self._chunk_start) <= c:
+            i = len(self._chunk_start) - 1
+            d = self._chunk_data(i, prefix=True)
+            ws, js = self._chunk_start[i]
+            nw = ws + d["PW"][-1]
+            nj = None if js is None else js + d["len"] * ws + d["PJ"][-1]
+            self._chunk_start.append((nw, nj))
+        return self._chunk_start[c]
+
+    def _grid_value(self, k):
+        """``(W, J)`` at the grid point ``t0 + k dt`` (float64)."""
+        c = min(k // self._chunk, (self.n_cells - 1) // self._chunk)
+        d = self._chunk_data(c, prefix=True)
+        ws, js = self._start_of_chunk(c)
+        i = k - d["start"]
+        W = ws + d["PW"][i]
+        if not self._levy:
+            return W, None
+        off = d["len"] if k == self.n_cells else (k - d["start"]) * self.dt
+        return W, js + off * ws + d["PJ"][i]
+
+    def _cell(self, k):
+        c = k // self._chunk
+        d = self._chunk_data(c, prefix=True)
+        i = k - d["start"]
+        return d["W"][i], (None if d["I"] is None else d["I"][i])
+
+    # ---- bridge inside a cell -------------------------------------------------------------
+    def _children(self, k, d, idx, parent, width):
+        key = (k, d + 1, 2 * idx)
+        left = self._nodes.get(key)
+        right = self._nodes.get((k, d + 1, 2 * idx + 1))
+        if left is not None and right is not None:
+            return left, right
+        W, I = parent
+        z = self._normal(2 if self._levy else 1, _mix(self.seed, 2, k, d, idx)).double()
+        if self._levy:
+            sw, si = math.sqrt(width), width**1.5
+            # rows of [M | L] rescaled to physical units: child = a W + b I + c z0 + e z1
+            scale = (sw, si, sw, si)
+            src = (W, I, z[0], z[1])
+            units = (1 / sw, 1 / si, 1.0, 1.0)
+            out = []
+            for r in range(4):
+                acc = None
+                for q in range(4):
+                    coef = self._bridge[r][q] * units[q] * scale[r]
+                    if coef == 0.0:
+                        continue
+                    acc = src[q] * coef if acc is None else torch.add(acc, src[q], alpha=coef)
+                out.append(acc)
+            left = (out[0], out[1])
+            right = (out[2], out[3])
+        else:
+            half = 0.5 * W
+            noise = z[0] * (0.5 * math.sqrt(width))
+            left = (half + noise, None)
+            right = (half - noise, None)
+        self._nodes.put(key, left)
+        self._nodes.put((k, d + 1, 2 * idx + 1), right)
+        return left, right
+
+    def _inside(self, k, j):
+        """``(W(a, t), I(a, t))`` from the start ``a`` of cell ``k`` to the position ``j / 2**depth``."""
+        D = self.depth
+        width = self._cell_width(k)
+        node = self._cell(k)
+        d, idx = 0, 0
+        accW = accI = None
+        while True:
+            if j == idx << (D - d):
+                break
+            w = width / (1 << d)
+            left, right = self._children(k, d, idx, node, w)
+            bit = (j >> (D - d - 1)) & 1
+            if bit:
+                lw, li = left
+                if accW is None:
+                    accW, accI = lw, li
+                else:
+                    if self._levy:
+                        accI = accI + (w / 2) * accW + li
+                    accW = accW + lw
+                node, idx = right, 2 * idx + 1
+            else:
+                node, idx = left, 2 * idx
+            d += 1
+        return accW, accI
+
+    def _point(self, k, j, t):
+        """``(W(t), J(t))`` at the located time (float64, cached)."""
+        key = (k, j)
+        v = self._points.get(key)
+        if v is not None:
+            return v
+        W, J = self._grid_value(k)
+        if j:
+            aw, ai = self._inside(k, j)
+            off = t - (self._t0 + k * self.dt)
+            W = W + aw
+            if self._levy:
+                J = J + off * (W - aw) + ai
+        v = (W, J)
+        self._points.put(key, v)
+        return v
+
+    # ---- queries --------------------------------------------------------------------------
+    def _increment(self, s, u, use_levy):
+        ks, js, ts = self._locate(s)
+        ku, ju, tu = self._locate(u)
+        if js == 0 and ju == 0 and abs(ku - ks) == 1:
+            k = min(ks, ku)
+            d = self._chunk_data(k // self._chunk)
+            i = k - d["start"]
+            W = d["W_out"][i]
+            if ku < ks:
+                W = -W
+            if use_levy:
+                return W, d["H_out"][i]
+            return W
+        Ws, Js = self._point(ks, js, ts)
+        Wu, Ju = self._point(ku, ju, tu)
+        dW = Wu - Ws
+        if not use_levy:
+            return dW.to(self.dtype)
+        return dW.to(self.dtype), _levy_from_points(Ws, Js, ts, Wu, Ju, tu).to(self.dtype)
+
+    def _per_sample(self, t0, t1, use_levy):
+        """Increments with one time (pair) per sample: samples are the leading dimensions of ``shape``."""
+        ta = torch.as_tensor(t0, dtype=torch.float64).reshape(-1)
+        tb = None if t1 is None else torch.as_tensor(t1, dtype=torch.float64).reshape(-1)
+        B = max(ta.numel(), 1 if tb is None else tb.numel())
+        numel = math.prod(self.shape)
+        if B == 0 or numel % B != 0 or (self.shape and math.prod(self.shape[: _lead(self.shape, B)]) != B):
+            raise ValueError(
+                f"Per-sample times for {B} samples need the BrownianInterval's leading dimensions to be the batch; "
+                f"its shape is {self.shape}."
+            )
+        ta = ta.expand(B).tolist()
+        tb = None if tb is None else tb.expand(B).tolist()
+        outW = torch.empty((B, numel // B), dtype=torch.float64, device=self.device)
+        outH = torch.empty_like(outW) if use_levy else None
+        groups = {}
+        for b in range(B):
+            groups.setdefault((ta[b], None if tb is None else tb[b]), []).append(b)
+        for (s, u), rows in groups.items():
+            rows_t = torch.tensor(rows, device=self.device)
+            if u is None:
+                k, j, t = self._locate(s)
+                val = self._point(k, j, t)[0]
+                outW[rows_t] = val.reshape(B, -1)[rows_t]
+                continue
+            ks, js, tsr = self._locate(s)
+            ku, ju, tur = self._locate(u)
+            Ws, Js = self._point(ks, js, tsr)
+            Wu, Ju = self._point(ku, ju, tur)
+            outW[rows_t] = (Wu - Ws).reshape(B, -1)[rows_t]
+            if use_levy:
+                outH[rows_t] = _levy_from_points(Ws, Js, tsr, Wu, Ju, tur).reshape(B, -1)[rows_t]
+        W = outW.reshape(self.shape).to(self.dtype)
+        if use_levy:
+            return W, outH.reshape(self.shape).to(self.dtype)
+        return W
+
+
+def _lead(shape, B):
+    p = 1
+    for i, s in enumerate(shape):
+        p *= s
+        if p == B:
+            return i + 1
+    return len(shape)
+
+
+def _levy_from_points(Ws, Js, ts, Wu, Ju, tu):
+    """Space-time Lévy area over the interval between ``ts`` and ``tu`` from point values of ``(W, J)``."""
+    if tu < ts:
+        Ws, Js, ts, Wu, Ju, tu = Wu, Ju, tu, Ws, Js, ts
+    h = tu - ts
+    if h <= 0:
+        return torch.zeros_like(Ws)
+    I = Ju - Js - h * Ws
+    return I / h - 0.5 * (Wu - Ws)
+
+
+def _scalar(t):
+    if isinstance(t, torch.Tensor):
+        return float(t.detach().reshape(()))
+    return float(t)

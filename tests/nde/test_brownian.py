@@ -1,0 +1,140 @@
+import math
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+import nde
+from nde._brownian import BrownianInterval
+
+
+def _bm(**kw):
+    base = dict(t0=0.0, t1=1.0, shape=(4000,), seed=11, dtype=torch.float64)
+    base.update(kw)
+    return BrownianInterval(**base)
+
+
+@pytest.mark.parametrize("s,u", [(0.0, 1.0), (0.1, 0.2), (0.123, 0.4567), (0.3001, 0.30015), (0.9, 1.0)])
+def test_increments_are_gaussian_with_variance_h(s, u):
+    bm = _bm(dt=0.05)
+    w = bm.evaluate(s, u).numpy()
+    h = u - s
+    stat = scipy.stats.kstest(w / math.sqrt(h), "norm")
+    assert stat.pvalue > 1e-3
+    assert abs(w.var() / h - 1) < 0.1
+
+
+def test_increments_independent():
+    bm = _bm(dt=0.1)
+    a = bm.evaluate(0.05, 0.33).numpy() / math.sqrt(0.28)
+    b = bm.evaluate(0.33, 0.71).numpy() / math.sqrt(0.38)
+    assert abs(np.corrcoef(a, b)[0, 1]) < 0.06
+    # (a + b)/sqrt(2) and (a - b)/sqrt(2) are standard normal only if a, b are independent
+    assert scipy.stats.kstest((a + b) / math.sqrt(2), "norm").pvalue > 1e-3
+    assert scipy.stats.kstest((a - b) / math.sqrt(2), "norm").pvalue > 1e-3
+
+
+def test_additivity_and_point_values():
+    bm = _bm(shape=(3, 5), dt=0.07)
+    pts = [0.0, 0.013, 0.07, 0.21, 0.2137, 0.5, 0.93, 1.0]
+    for s, t, u in zip(pts, pts[1:], pts[2:]):
+        whole = bm.evaluate(s, u)
+        parts = bm.evaluate(s, t) + bm.evaluate(t, u)
+        torch.testing.assert_close(whole, parts, rtol=0, atol=1e-12)
+        torch.testing.assert_close(whole, bm.evaluate(u) - bm.evaluate(s), rtol=0, atol=1e-12)
+    torch.testing.assert_close(bm.evaluate(0.4, 0.2), -bm.evaluate(0.2, 0.4), rtol=0, atol=0)
+
+
+def test_query_order_and_cache_eviction_do_not_change_values():
+    ts = np.linspace(0, 1, 41)
+    ts = np.concatenate([ts, [0.0123, 0.456, 0.8001]])
+    ts.sort()
+    pairs = list(zip(ts[:-1], ts[1:]))
+    kw = dict(shape=(2, 3), seed=5, levy_area="space-time", dt=0.03)
+    a = _bm(**kw)
+    fwd = [a.evaluate(s, u, use_levy=True) for s, u in pairs]
+    b = _bm(cache_size=2, **kw)  # tiny cache: values are recomputed after eviction
+    rev = [b.evaluate(s, u, use_levy=True) for s, u in reversed(pairs)][::-1]
+    perm = np.random.default_rng(0).permutation(len(pairs))
+    c = _bm(**kw)
+    shuf = {int(i): c.evaluate(*pairs[i], use_levy=True) for i in perm}
+    for i in range(len(pairs)):
+        for x, y, z in zip(fwd[i], rev[i], shuf[i]):
+            torch.testing.assert_close(x, y, rtol=0, atol=1e-14)
+            torch.testing.assert_close(x, z, rtol=0, atol=1e-14)
+    # a different seed gives a different path
+    d = _bm(**{**kw, "seed": 6})
+    assert not torch.allclose(d.evaluate(*pairs[3]), fwd[3][0])
+
+
+def test_space_time_levy_area_moments():
+    bm = _bm(shape=(20000,), levy_area="space-time", dt=0.1)
+    for s, u in [(0.3, 0.4), (0.31, 0.37), (0.05, 0.77)]:
+        w, hh = bm.evaluate(s, u, use_levy=True)
+        h = u - s
+        assert abs(hh.var().item() / (h / 12) - 1) < 0.05
+        assert abs(hh.mean().item()) < 4 * math.sqrt(h / 12 / 20000)
+        assert abs(torch.corrcoef(torch.stack([w, hh]))[0, 1].item()) < 0.03
+        assert scipy.stats.kstest(hh.numpy() / math.sqrt(h / 12), "norm").pvalue > 1e-3
+        # fourth moment of a Gaussian
+        assert abs((hh**4).mean().item() / (3 * (h / 12) ** 2) - 1) < 0.15
+
+
+def test_levy_area_is_consistent_with_time_integral():
+    # I(s,u) = h (H + W/2) is additive: I(s,u) = I(s,t) + (u-t) W(s,t) + I(t,u)
+    bm = _bm(shape=(7,), levy_area="space-time", dt=1 / 16, depth=10)
+    s, t, u = 0.125, 0.3125, 0.5  # on the bridge grid, so no rounding of times
+    w1, h1 = bm.evaluate(s, t, use_levy=True)
+    w2, h2 = bm.evaluate(t, u, use_levy=True)
+    w, hh = bm.evaluate(s, u, use_levy=True)
+    i1, i2, i = (t - s) * (h1 + w1 / 2), (u - t) * (h2 + w2 / 2), (u - s) * (hh + w / 2)
+    torch.testing.assert_close(i, i1 + (u - t) * w1 + i2, rtol=0, atol=1e-12)
+
+
+def test_bridge_conditional_variance_inside_a_cell():
+    # W(0.5) given W(0), W(1) with a single cell: variance 1/4 of the bridge, and total variance 1/2
+    bm = _bm(shape=(20000,), dt=1.0)
+    w1 = bm.evaluate(0.0, 1.0)
+    wh = bm.evaluate(0.0, 0.5)
+    resid = wh - 0.5 * w1
+    assert abs(resid.var().item() / 0.25 - 1) < 0.05
+    assert abs(torch.corrcoef(torch.stack([resid, w1]))[0, 1].item()) < 0.03
+
+
+def test_per_sample_times():
+    bm = _bm(shape=(4, 2), dt=0.1)
+    t0 = torch.tensor([0.0, 0.1, 0.25, 0.0], dtype=torch.float64).reshape(4, 1)
+    t1 = torch.tensor([0.1, 0.3, 0.5, 1.0], dtype=torch.float64).reshape(4, 1)
+    out = bm.evaluate(t0, t1)
+    for b in range(4):
+        torch.testing.assert_close(out[b], bm.evaluate(float(t0[b]), float(t1[b]))[b], rtol=0, atol=1e-14)
+
+
+def test_dtype_device_and_errors():
+    bm = BrownianInterval(0.0, 2.0, (3,), seed=0)
+    assert bm.evaluate(0.0, 1.0).dtype == torch.float32
+    assert bm.evaluate(0.5, 1.0).shape == (3,)
+    with pytest.raises(ValueError, match="outside"):
+        bm.evaluate(0.0, 3.0)
+    with pytest.raises(ValueError, match="levy_area"):
+        bm.evaluate(0.0, 1.0, use_levy=True)
+    with pytest.raises(ValueError, match="t0 < t1"):
+        BrownianInterval(1.0, 0.0, (3,))
+    with pytest.raises(ValueError, match="levy_area"):
+        BrownianInterval(0.0, 1.0, (3,), levy_area="davie")
+    with pytest.raises(TypeError, match="seed"):
+        BrownianInterval(0.0, 1.0, (3,), seed=1.5)
+    assert isinstance(bm, nde.AbstractPath)
+
+
+def test_fixed_grid_queries_are_cheap():
+    import time
+
+    bm = BrownianInterval(0.0, 1.0, (256, 16), seed=0, dt=0.01)
+    bm.evaluate(0.0, 0.01)
+    start = time.perf_counter()
+    for i in range(1, 100):
+        bm.evaluate(i * 0.01, (i + 1) * 0.01)
+    per_query = (time.perf_counter() - start) / 99
+    assert per_query < 2e-4
