@@ -20,3 +20,4 @@ from ._interpolation import (
     CubicSpline, LinearInterpolation, hermite_cubic_coefficients_with_backward_differences, last_observation_times,
     linear_interpolation_coeffs, natural_cubic_coeffs, natural_cubic_spline_coeffs, rectilinear_interpolation_coeffs,
 )
+from ._brownian import BrownianInterval
