@@ -1,0 +1,241 @@
+"""Adams--Bashforth--Moulton multistep methods (predictor--corrector, growing order).
+
+The history of vector-field values lives in the solver state, so the loop needs no special support:
+a rejected step leaves the state untouched, and a change of step size is detected from the stored
+times (the coefficients are then recomputed for the actual, non-uniform nodes).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from fractions import Fraction
+
+import torch
+
+from .base import AbstractSolver
+from .implicit import _hermite, _hermite_derivative
+
+_MAX_ORDER = 12
+
+
+def _uniform_coefficients(k, implicit):
+    """Adams coefficients on a uniform grid, exact rationals, as floats.
+
+    Bashforth (``implicit=False``): ``y1 = y0 + dt sum_{j<k} beta_j f_{n-j}``; Moulton
+    (``implicit=True``): ``y1 = y0 + dt sum_{j<k} beta_j f_{n+1-j}`` (``beta_0`` multiplies ``f(t1, y1)``).
+    ``beta_j = int_0^1 prod_{m != j} (u - u_m) / (u_j - u_m) du`` with nodes ``u_j = -j`` (Bashforth) or
+    ``1 - j`` (Moulton).
+    """
+    nodes = [Fraction(1 - j) if implicit else Fraction(-j) for j in range(k)]
+    return [float(x) for x in _integrated_lagrange(nodes)]
+
+
+def _integrated_lagrange(nodes):
+    """``int_0^1 L_j(u) du`` for the Lagrange basis on ``nodes`` (exact for Fractions, float otherwise)."""
+    out = []
+    for j, uj in enumerate(nodes):
+        # polynomial prod_{m != j} (u - u_m) in ascending powers
+        poly = [nodes[0] * 0 + 1]
+        denom = nodes[0] * 0 + 1
+        for m, um in enumerate(nodes):
+            if m == j:
+                continue
+            new = [poly[0] * 0] * (len(poly) + 1)
+            for p, a in enumerate(poly):
+                new[p] -= a * um
+                new[p + 1] += a
+            poly = new
+            denom *= uj - um
+        out.append(sum(a / (p + 1) for p, a in enumerate(poly)) / denom)
+    return out
+
+
+_BASHFORTH = [None] + [_uniform_coefficients(k, False) for k in range(1, _MAX_ORDER + 1)]
+_MOULTON = [None] + [_uniform_coefficients(k, True) for k in range(1, _MAX_ORDER + 1)]
+
+
+def _coefficients(times, t0, t1, k, implicit):
+    """Coefficients for history ``times`` (most recent first, ``times[0] == t0``); uniform tables when the
+    spacing is the step size, otherwise the integrated Lagrange basis on the actual nodes."""
+    dt = t1 - t0
+    nodes = [(t - t0) / dt for t in times[: (k - 1 if implicit else k)]]
+    if implicit:
+        nodes = [1.0] + nodes
+    expect = [(1.0 if implicit else 0.0) - j for j in range(k)]
+    if all(abs(a - b) <= 1e-9 for a, b in zip(nodes, expect)):
+        return (_MOULTON if implicit else _BASHFORTH)[k]
+    return [float(x) for x in _integrated_lagrange([float(u) for u in nodes])]
+
+
+def _combine(fs, coeffs, scale):
+    out = fs[0] * (coeffs[0] * scale)
+    for fj, cj in zip(fs[1:], coeffs[1:]):
+        out = out + fj * (cj * scale)
+    return out
+
+
+class AdamsBashforthMoulton(AbstractSolver):
+    """Adams--Bashforth predictor with an optional Adams--Moulton corrector; order grows with the history.
+
+    The first two steps are Kutta's 3/8 rule; from then on the predictor uses every stored value of
+    ``f`` (``k`` of them, up to ``max_order - 1``): ``y1 = y0 + dt sum_{j<k} beta_j f_{n-j}``. With
+    ``implicit=True`` the corrector ``y1 = y0 + dt (beta*_0 f(t1, y1) + sum_{j<k} beta*_{j+1} f_{n-j})``
+    (order ``k + 1``) is iterated to convergence (functional iteration, at most ``max_iters`` times).
+    The global order is set by the start-up steps: 4 for the predictor alone, 5 with a converged
+    corrector (the default corrector tolerances stop earlier, which gives about 4). A long history
+    makes the explicit variant's stability region tiny: with ``implicit=False`` prefer ``max_order=5``
+    unless the steps are very small. Fixed steps; the history is kept in
+    the solver state and non-uniform nodes (a shortened last step) get recomputed coefficients.
+    Dense output: cubic Hermite.
+
+    Hairer, Nørsett & Wanner, *Solving Ordinary Differential Equations I* (1993), III.1; Bashforth &
+    Adams (1883), *An Attempt to Test the Theories of Capillary Action*; Moulton (1926), *New Methods
+    in Exterior Ballistics*.
+
+    Parameters
+    ----------
+    implicit:
+        Use the Adams--Moulton corrector (PECE iterated) or only the Adams--Bashforth predictor.
+    max_order:
+        Largest history used is ``max_order - 1`` values (between 4 and 12).
+    max_iters:
+        Most corrector iterations a step.
+    rtol, atol:
+        The corrector stops when ``max |dy_new - dy_old| / (atol + rtol max(|dy_old|, |dy_new|)) < 1``.
+    """
+
+    error_order = None
+    supports_independent = False
+
+    def __init__(self, implicit=True, max_order=_MAX_ORDER, max_iters=4, rtol=1e-7, atol=1e-9):
+        if not isinstance(max_order, int) or not 4 <= max_order <= _MAX_ORDER:
+            raise ValueError(f"max_order must be an integer between 4 and {_MAX_ORDER}; got {max_order!r}.")
+        if not isinstance(max_iters, int) or max_iters < 1:
+            raise ValueError(f"max_iters must be a positive integer; got {max_iters!r}.")
+        for name, v in (("rtol", rtol), ("atol", atol)):
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite nonnegative number; got {v!r}.")
+        self.implicit = bool(implicit)
+        self.max_order = max_order
+        self.max_iters = max_iters
+        self.rtol = float(rtol)
+        self.atol = float(atol)
+        self._warned = False
+
+    @property
+    def order(self):
+        return 5 if self.implicit else 4
+
+    def __repr__(self):
+        return f"{type(self).__name__}(implicit={self.implicit}, max_order={self.max_order})"
+
+    def init(self, terms, t0, t1, y0, args):
+        return {"ts": [], "fs": [], "next": None}, 0
+
+    def step(self, terms, t0, t1, y0, args, solver_state):
+        if not isinstance(t0, float):
+            raise ValueError(
+                f"{type(self).__name__} keeps one history for the whole batch: use batch_mode='joint'."
+            )
+        f = terms.ode
+        dt = t1 - t0
+        st = solver_state if solver_state is not None else {"ts": [], "fs": [], "next": None}
+        ts, fs = list(st["ts"]), list(st["fs"])
+        nfe = 0
+        pending = st.get("next")
+        if pending is not None and pending[0] == t0:
+            f0 = pending[1]
+        else:
+            f0 = f(torch.tensor(t0, dtype=y0.dtype, device=y0.device), y0, args)
+            nfe += 1
+        ts.insert(0, t0)
+        fs.insert(0, f0)
+        del ts[self.max_order - 1:], fs[self.max_order - 1:]
+        k = min(len(fs), self.max_order - 1)
+        tt1 = torch.tensor(t1, dtype=y0.dtype, device=y0.device)
+        if k < 3:
+            dy, n = self._kutta38(f, t0, dt, tt1, y0, f0, args)
+            nfe += n
+        else:
+            dy = _combine(fs, _coefficients(ts, t0, t1, k, False), dt)
+            if self.implicit:
+                m = _coefficients(ts, t0, t1, k + 1, True)
+                delta = _combine(fs[:k], m[1:], dt)
+                converged = False
+                for _ in range(self.max_iters):
+                    dy_old = dy
+                    f1 = f(tt1, y0 + dy, args)
+                    nfe += 1
+                    dy = f1 * (m[0] * dt) + delta
+                    with torch.no_grad():
+                        tol = self.atol + self.rtol * torch.maximum(dy_old.abs(), dy.abs())
+                        converged = bool(((dy - dy_old).abs() / tol).max() < 1)
+                    if converged:
+                        break
+                if not converged:
+                    if not self._warned:
+                        warnings.warn(
+                            f"{type(self).__name__}: the corrector iteration did not converge at t={t0:.6g}; "
+                            "the solution may be inaccurate (use smaller steps or more max_iters). "
+                            "The oldest stored value is dropped.",
+                            RuntimeWarning,
+                            stacklevel=3,
+                        )
+                        self._warned = True
+                    ts.pop()
+                    fs.pop()
+        y1 = y0 + dy
+        new_state = {"ts": ts, "fs": fs, "next": None}
+        dense_info = {"y0": y0, "y1": y1, "f0": f0, "state": new_state}
+        return y1, None, dense_info, new_state, nfe
+
+    @staticmethod
+    def _kutta38(f, t0, dt, tt1, y0, f0, args):
+        """Kutta's 3/8 rule; returns the increment and the number of new evaluations."""
+        dtype, dev = y0.dtype, y0.device
+        k1 = f0
+        k2 = f(torch.tensor(t0 + dt / 3, dtype=dtype, device=dev), y0 + k1 * (dt / 3), args)
+        k3 = f(torch.tensor(t0 + 2 * dt / 3, dtype=dtype, device=dev), y0 + (k2 - k1 / 3) * dt, args)
+        k4 = f(tt1, y0 + (k1 - k2 + k3) * dt, args)
+        return (k1 + 3 * (k2 + k3) + k4) * (dt * 0.125), 3
+
+    def _f1(self, terms, args, t1, info):
+        """``f(t1, y1)``, evaluated once and handed to the next step through the state."""
+        state = info["state"]
+        if state["next"] is not None:
+            return state["next"][1], 0
+        y1 = info["y1"]
+        f1 = terms.ode(torch.tensor(t1, dtype=y1.dtype, device=y1.device), y1, args)
+        state["next"] = (t1, f1)
+        return f1, 1
+
+    def dense_eval(self, terms, args, t0, t1, dense_info, theta):
+        f1, n = self._f1(terms, args, t1, dense_info)
+        d = dense_info
+        return _hermite(d["y0"], d["y1"], d["f0"], f1, t1 - t0, theta), n
+
+    def dense_derivative(self, terms, args, t0, t1, dense_info, theta):
+        f1, n = self._f1(terms, args, t1, dense_info)
+        d = dense_info
+        return _hermite_derivative(d["y0"], d["y1"], d["f0"], f1, t1 - t0, theta) + 0 * theta, n
+
+
+class ExplicitAdams(AdamsBashforthMoulton):
+    """Adams--Bashforth alone (no corrector): :class:`AdamsBashforthMoulton` with ``implicit=False``."""
+
+    def __init__(self, max_order=_MAX_ORDER, rtol=1e-7, atol=1e-9):
+        super().__init__(implicit=False, max_order=max_order, rtol=rtol, atol=atol)
+
+
+class ImplicitAdams(AdamsBashforthMoulton):
+    """Adams--Bashforth predictor with iterated Adams--Moulton corrector: :class:`AdamsBashforthMoulton`."""
+
+    def __init__(self, max_order=_MAX_ORDER, max_iters=4, rtol=1e-7, atol=1e-9):
+        super().__init__(implicit=True, max_order=max_order, max_iters=max_iters, rtol=rtol, atol=atol)
+
+
+#: Fixed-step Adams--Bashforth--Moulton; the same method as :class:`ImplicitAdams`.
+FixedAdams = ImplicitAdams
+
+__all__ = ["AdamsBashforthMoulton", "ExplicitAdams", "ImplicitAdams", "FixedAdams"]
