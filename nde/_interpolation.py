@@ -499,7 +499,7 @@ class _Interpolation(torch.nn.Module, AbstractPath):
                 tf = float(t)
                 i = (bisect.bisect_left if left else bisect.bisect_right)(self._knots, tf) - 1
                 i = min(max(i, 0), nmax)
-                return "scalar", i, t.to(self._t.dtype) - self._knots[i]
+                return "scalar", i, tf - self._knots[i]
             tb = t.expand(bshape)
         else:
             per_sample = t.dim() >= 2 and t.shape[-1] == 1
@@ -667,6 +667,8 @@ class CubicSpline(_Interpolation):
     def derivative(self, t, left: bool = True) -> torch.Tensor:
         """``dX/dt`` at ``t``; time conventions as :meth:`evaluate`."""
         mode, i, s = self._locate(t, left)
+        if isinstance(s, float):  # one time, no gradient through it: two fused operations
+            return torch.add(self._b[..., i, :], self._two_c[..., i, :], alpha=s).add_(self._three_d[..., i, :], alpha=s * s)
         s = self._frac(mode, s)
         take = self._take
         return take(self._b, mode, i) + (take(self._two_c, mode, i) + take(self._three_d, mode, i) * s) * s

@@ -1,0 +1,174 @@
+import pytest
+import torch
+
+import nde
+from nde.solvers import RK4, RK38, Bosh3, Dopri5, Euler, Heun, Midpoint, Tsit5
+
+torchcde = pytest.importorskip("torchcde")
+
+D = torch.float64
+
+
+class Field(torch.nn.Module):
+    """A CDE vector field z -> (hidden x channels) matrix."""
+
+    def __init__(self, hidden=3, channels=2, width=8):
+        super().__init__()
+        self.hidden, self.channels = hidden, channels
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(hidden, width), torch.nn.Tanh(), torch.nn.Linear(width, hidden * channels), torch.nn.Tanh()
+        )
+
+    def forward(self, t, z):
+        return self.net(z).reshape(*z.shape[:-1], self.hidden, self.channels)
+
+
+def _series(batch=4, length=12, channels=2, seed=0, dtype=D, missing=0.0):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.sort(torch.rand(length, generator=g, dtype=dtype) * 6).values
+    x = torch.cumsum(torch.randn(batch, length, channels - 1, generator=g, dtype=dtype) * 0.5, dim=1)
+    if missing:
+        x[torch.rand(x.shape, generator=g, dtype=dtype) < missing] = float("nan")
+    x = torch.cat([t.expand(batch, length).unsqueeze(-1), x], dim=-1)  # time as a channel
+    return x, t
+
+
+def test_cde_agrees_with_torchcde_cdeint():
+    x, t = _series(missing=0.2)
+    f = Field().to(D)
+    z0 = torch.randn(4, 3, dtype=D)
+    for coeff_fn, cls in ((nde.natural_cubic_coeffs, nde.CubicSpline),
+                          (nde.hermite_cubic_coefficients_with_backward_differences, nde.CubicSpline),
+                          (nde.linear_interpolation_coeffs, nde.LinearInterpolation)):
+        coeffs = coeff_fn(x, t)
+        path = cls(coeffs, t)
+        sol = nde.solve(nde.ControlTerm(f, path), Dopri5(), t[0], t[-1], z0, saveat=nde.SaveAt(ts=t),
+                        controller=nde.PIDController(rtol=1e-10, atol=1e-10))
+        theirs = torchcde.cdeint(getattr(torchcde, cls.__name__)(coeffs, t), f, z0, t, adjoint=False, method="dopri5",
+                                 rtol=1e-10, atol=1e-10, options=dict(jump_t=t))
+        torch.testing.assert_close(sol.ys.transpose(0, 1), theirs, rtol=1e-7, atol=1e-7)
+        assert sol.stats["num_steps"] >= len(t) - 1  # steps land on every knot
+
+
+def test_fixed_steps_on_the_knots_match_torchcde_rk4():
+    x, _ = _series(length=20)
+    t = torch.arange(20, dtype=D)
+    x[..., 0] = t
+    coeffs = nde.hermite_cubic_coefficients_with_backward_differences(x, t)
+    f = Field().to(D)
+    z0 = torch.randn(4, 3, dtype=D)
+    # torchdiffeq's "rk4" is Kutta's 3/8 rule
+    sol = nde.solve(nde.ControlTerm(f, nde.CubicSpline(coeffs, t)), RK38(), 0.0, 19.0, z0, dt0=1.0)
+    theirs = torchcde.cdeint(torchcde.CubicSpline(coeffs, t), f, z0, t[[0, -1]], adjoint=False, method="rk4",
+                             options=dict(step_size=1.0))
+    torch.testing.assert_close(sol.ys[-1], theirs[:, -1], rtol=1e-12, atol=1e-12)
+    assert sol.stats["num_steps"] == 19
+
+
+def test_control_by_time_reduces_to_the_ode():
+    t = torch.linspace(0, 2, 7, dtype=D)
+    path = nde.LinearInterpolation(t.unsqueeze(-1), t)  # X(t) = t
+    g = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(D)
+    z0 = torch.randn(5, 3, dtype=D)
+    ts = torch.linspace(0, 2, 5, dtype=D)
+    cde = nde.solve(nde.ControlTerm(lambda s, z: g(z).unsqueeze(-1), path), Tsit5(), 0.0, 2.0, z0,
+                    saveat=nde.SaveAt(ts=ts), controller=nde.PIDController(rtol=1e-9, atol=1e-9))
+    ode = nde.solve(nde.ODETerm(lambda s, z: g(z)), Tsit5(), 0.0, 2.0, z0, saveat=nde.SaveAt(ts=ts),
+                    controller=nde.PIDController(rtol=1e-9, atol=1e-9))
+    torch.testing.assert_close(cde.ys, ode.ys, rtol=1e-8, atol=1e-8)
+
+
+def test_vf_prod_equals_the_matrix_form():
+    x, t = _series()
+    path = nde.CubicSpline(nde.natural_cubic_coeffs(x, t), t)
+    f = Field().to(D)
+    calls = []
+
+    def prod(s, z, args, dxdt):
+        calls.append(1)
+        return (f(s, z) * dxdt.unsqueeze(-2)).sum(-1)
+
+    z0 = torch.randn(4, 3, dtype=D)
+    a = nde.solve(nde.ControlTerm(f, path), Tsit5(), t[0], t[-1], z0, controller=nde.PIDController(rtol=1e-8, atol=1e-8))
+    b = nde.solve(nde.ControlTerm(f, path, vf_prod=prod), Tsit5(), t[0], t[-1], z0,
+                  controller=nde.PIDController(rtol=1e-8, atol=1e-8))
+    torch.testing.assert_close(a.ys, b.ys, rtol=1e-12, atol=1e-12)
+    assert len(calls) == b.stats["nfe"]
+
+
+@pytest.mark.parametrize("solver,order", [(Euler(), 1), (Heun(), 2), (Midpoint(), 2), (Bosh3(), 3), (RK4(), 4),
+                                          (Dopri5(), 5), (Tsit5(), 5)])
+def test_every_explicit_solver_converges_at_its_order_on_a_cde(solver, order):
+    # a smooth control (one cubic piece) so that the order is not limited by the knots
+    t = torch.tensor([0.0, 1.0], dtype=D)
+    coeffs = torch.tensor([[[0.0, 0.0, 1.0, -0.5, 0.4, 0.8, 0.3, -0.6]]], dtype=D)  # a, b, 2c, 3d for 2 channels
+    path = nde.CubicSpline(coeffs, t)
+    A = torch.tensor([[[0.0, -1.0], [1.0, 0.0]], [[0.3, 0.0], [0.0, -0.2]]], dtype=D)
+
+    def f(s, z):
+        return torch.stack([torch.tanh(z) @ A[0].T, torch.sin(z) @ A[1].T], -1)
+
+    z0 = torch.tensor([[0.4, -0.3]], dtype=D)
+    term = nde.ControlTerm(f, path)
+    ref = nde.solve(term, Dopri5(), 0.0, 1.0, z0, controller=nde.PIDController(rtol=1e-13, atol=1e-13)).ys[-1]
+    errs = [float((nde.solve(term, solver, 0.0, 1.0, z0, dt0=1 / n).ys[-1] - ref).abs().max()) for n in (8, 16)]
+    emp = torch.log2(torch.tensor(errs[0] / errs[1])).item()
+    assert order - 0.3 < emp < order + 1.0, (errs, emp)
+
+
+def test_independent_batch_mode_with_unequal_lengths():
+    x, t = _series(batch=3, length=10)
+    lengths = [10, 7, 4]
+    for i, n in enumerate(lengths):
+        x[i, n:] = float("nan")
+    coeffs = nde.hermite_cubic_coefficients_with_backward_differences(x, t)
+    path = nde.CubicSpline(coeffs, t)
+    f = Field().to(D)
+    z0 = torch.randn(3, 3, dtype=D)
+    t1 = nde.last_observation_times(x, t)
+    pid = nde.PIDController(rtol=1e-9, atol=1e-9)
+    ind = nde.solve(nde.ControlTerm(f, path), Tsit5(), t[0], t1, z0, dt0=0.05, controller=pid, batch_mode="independent")
+    for i, n in enumerate(lengths):
+        single = nde.CubicSpline(nde.hermite_cubic_coefficients_with_backward_differences(x[i:i + 1, :n], t[:n]), t[:n])
+        ref = nde.solve(nde.ControlTerm(f, single), Tsit5(), t[0], t[n - 1], z0[i:i + 1], controller=pid)
+        torch.testing.assert_close(ind.ys[-1, i], ref.ys[-1, 0], rtol=1e-7, atol=1e-7)
+    steps = ind.stats["num_steps"]
+    assert steps[0] > steps[1] > steps[2]  # the short series stop early
+    # joint mode on the padded batch: the state is constant after each series' end (one more Hermite piece)
+    joint = nde.solve(nde.ControlTerm(f, path), Tsit5(), t[0], t[-1], z0, controller=pid,
+                      saveat=nde.SaveAt(ts=t))
+    for i, n in enumerate(lengths[1:], 1):
+        torch.testing.assert_close(joint.ys[-1, i], joint.ys[n, i], rtol=1e-9, atol=1e-9)
+
+
+def test_gradcheck_wrt_initial_state_parameters_and_data():
+    x, t = _series(batch=2, length=5, missing=0.2)
+    mask = ~torch.isnan(x)
+    vals = x[mask].clone().requires_grad_(True)
+    f = Field(hidden=2, width=4).to(D)
+    params = list(f.parameters())
+    z0 = torch.randn(2, 2, dtype=D, requires_grad=True)
+
+    def run(z0, v, *ps):
+        with torch.no_grad():
+            for p, q in zip(params, ps):
+                p.copy_(q)
+        data = torch.full_like(x, float("nan")).masked_scatter(mask, v)
+        path = nde.CubicSpline(nde.natural_cubic_coeffs(data, t), t)
+        fp = lambda s, z: torch.func.functional_call(f, dict(zip([n for n, _ in f.named_parameters()], ps)), (s, z))  # noqa: E731
+        return nde.solve(nde.ControlTerm(fp, path), RK4(), t[0], t[-1], z0, dt0=float(t[-1] - t[0]) / 4).ys[-1]
+
+    ps = [p.detach().clone().requires_grad_(True) for p in params]
+    assert torch.autograd.gradcheck(run, (z0, vals, *ps))
+
+
+def test_float32_solve_and_clear_errors():
+    x, t = _series(dtype=torch.float32)
+    path = nde.CubicSpline(nde.natural_cubic_coeffs(x, t), t)
+    f = Field()
+    sol = nde.solve(nde.ControlTerm(f, path), Tsit5(), t[0], t[-1], torch.zeros(4, 3))
+    assert sol.ys.dtype == torch.float32 and torch.isfinite(sol.ys).all()
+    with pytest.raises((ValueError, TypeError)):
+        nde.solve(nde.ControlTerm(Field(hidden=3, channels=5), path), Tsit5(), t[0], t[-1], torch.zeros(4, 3))
+    with pytest.raises(TypeError, match="control"):
+        nde.ControlTerm(f, torchcde.CubicSpline(torchcde.natural_cubic_coeffs(x, t), t))
