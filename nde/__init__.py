@@ -21,3 +21,4 @@ from ._interpolation import (
     linear_interpolation_coeffs, natural_cubic_coeffs, natural_cubic_spline_coeffs, rectilinear_interpolation_coeffs,
 )
 from ._brownian import BrownianInterval
+from ._reversible_adjoint import ReversibleAdjoint
