@@ -22,3 +22,4 @@ from ._interpolation import (
 )
 from ._brownian import BrownianInterval
 from ._reversible_adjoint import ReversibleAdjoint
+from ._cdeint import cdeint
