@@ -21,5 +21,6 @@ from ._interpolation import (
     linear_interpolation_coeffs, natural_cubic_coeffs, natural_cubic_spline_coeffs, rectilinear_interpolation_coeffs,
 )
 from ._brownian import BrownianInterval
+from ._odeint import odeint, odeint_adjoint, odeint_event
 from ._reversible_adjoint import ReversibleAdjoint
 from ._cdeint import cdeint

@@ -421,3 +421,38 @@ class _IndependentTracker(_Tracker):
         sol.event_mask = mask.reshape(bshape + (K,))
         sol.event_y = ey.reshape(bshape + (K,) + tuple(y0.shape[len(bshape):]))
         return sol
+
+
+class ImplicitEventTime(torch.autograd.Function):
+    """Give an event time computed without a graph the gradient of the implicit function theorem.
+
+    Inputs ``(vf, cond, t_event, y_at_t_event)``, where ``y_at_t_event`` is the solution at the
+    (fixed) time ``t_event`` with its graph; outputs ``(t_event, y_event)``. With ``c(t*, y(t*)) = 0``
+    and ``D = dc/dt + dc/dy . f``, the gradients ``g_t, g_y`` of the outputs become the gradient
+    ``g_y - (g_t + g_y . f) dc/dy / D`` of the state at the fixed time.
+    """
+
+    @staticmethod
+    def forward(ctx, vf, cond, t_event, y):
+        ctx.vf, ctx.cond = vf, cond
+        ctx.save_for_backward(t_event, y)
+        return t_event.detach().clone(), y.detach().clone()
+
+    @staticmethod
+    def backward(ctx, g_t, g_y):
+        t_event, y = ctx.saved_tensors
+        tt = t_event.detach().to(y.dtype)
+        with torch.enable_grad():
+            t_ = tt.clone().requires_grad_(True)
+            y_ = y.detach().clone().requires_grad_(True)
+            c = ctx.cond(t_, y_)
+            dc_dt, dc_dy = torch.autograd.grad(c, (t_, y_), allow_unused=True)
+        with torch.no_grad():
+            f = ctx.vf(tt, y.detach())
+            dc_dt = torch.zeros((), dtype=y.dtype, device=y.device) if dc_dt is None else dc_dt
+            dc_dy = torch.zeros_like(y) if dc_dy is None else dc_dy
+            D = dc_dt + (dc_dy * f).sum()
+            g_y = torch.zeros_like(y) if g_y is None else g_y
+            g_t = torch.zeros((), dtype=y.dtype, device=y.device) if g_t is None else g_t.to(y.dtype)
+            total = g_t + (g_y * f).sum()
+            return None, None, None, g_y - dc_dy * (total / D)
