@@ -179,7 +179,8 @@ def test_independent_batch_matches_per_sample_solves():
         batch = nde.solve(f, Kvaerno5(), 0.0, 1.0, y0, args=rates, controller=ctrl, batch_mode="independent")
         for i in range(3):
             single = nde.solve(f, Kvaerno5(), 0.0, 1.0, y0[i], args=rates[i], controller=ctrl)
-            torch.testing.assert_close(batch.ys[-1][i], single.ys[-1], rtol=0, atol=1e-12)
+            # the batch iterates until every sample has converged: agreement to the Newton tolerance
+            torch.testing.assert_close(batch.ys[-1][i], single.ys[-1], rtol=0, atol=1e-10)
             assert int(batch.stats["num_steps"][i]) == single.stats["num_steps"]
     assert int(batch.stats["num_steps"][2]) > int(batch.stats["num_steps"][0])
 
@@ -190,7 +191,7 @@ def test_batch_jacobian_matches_full_in_joint_mode(cls):
     with torch.no_grad():
         full = nde.solve(f_logistic, cls(jacobian="full"), 0.0, 1.0, y0, dt0=0.1)
         blocks = nde.solve(f_logistic, cls(jacobian="batch"), 0.0, 1.0, y0, dt0=0.1)
-    torch.testing.assert_close(full.ys, blocks.ys, rtol=0, atol=1e-12)
+    torch.testing.assert_close(full.ys, blocks.ys, rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("cls", [ImplicitEuler, RadauIIA5, GaussLegendre4, Kvaerno5, TRBDF2], ids=lambda c: c.__name__)
