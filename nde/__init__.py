@@ -24,3 +24,5 @@ from ._brownian import BrownianInterval
 from ._odeint import odeint, odeint_adjoint, odeint_event
 from ._reversible_adjoint import ReversibleAdjoint
 from ._cdeint import cdeint
+from . import symbolic
+from .symbolic import SymbolicModel, distill, sample_vector_field
