@@ -10,3 +10,4 @@ from .rk import (
 from .implicit import ImplicitEuler, ImplicitMidpoint, Trapezoid, SDIRK2, TRBDF2, Kvaerno3, Kvaerno5, RadauIIA3, RadauIIA5, GaussLegendre4, GaussLegendre6, AbstractImplicitRK, ImplicitTableau  # noqa: E501
 from .adams import AdamsBashforthMoulton, ExplicitAdams, ImplicitAdams, FixedAdams
 from .reversible import AsynchronousLeapfrog, Reversible, ReversibleHeun
+from .sde import AbstractSDESolver, EulerHeun, EulerMaruyama, Heun, Midpoint, Milstein, ShARK, SRA1, StepDoubling

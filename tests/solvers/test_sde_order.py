@@ -1,0 +1,163 @@
+"""Strong orders of the SDE solvers (fitted over a batch of Brownian samples) and weak order of Euler--Maruyama."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import nde
+from nde import BrownianInterval, ControlTerm, MultiTerm, ODETerm
+from nde.solvers import sde as S
+
+DT = torch.float64
+MU, SIG = 1.0, 0.5
+
+
+def _slope(hs, errs):
+    return float(np.polyfit(np.log(hs), np.log(errs), 1)[0])
+
+
+def _final(terms, solver, y0, h):
+    return nde.solve(terms, solver, 0.0, 1.0, y0, dt0=h).ys[-1]
+
+
+def _gbm(noise, n=128, seed=0, levy="none", finest=2**-9):
+    d = 2
+    m = 1 if noise == "scalar" else d
+    bm = BrownianInterval(0.0, 1.0, (n, m), seed=seed, dtype=DT, dt=finest, levy_area=levy)
+    if noise == "scalar":
+        g = ControlTerm(lambda t, y: SIG * y.unsqueeze(-1), bm, noise="scalar")
+    else:
+        g = ControlTerm(lambda t, y: SIG * y, bm, noise="diagonal")
+    terms = MultiTerm(ODETerm(lambda t, y: MU * y), g)
+    y0 = torch.ones(n, d, dtype=DT)
+    w = bm.evaluate(0.0, 1.0)
+    ito = torch.exp((MU - SIG**2 / 2) + SIG * w)
+    strat = torch.exp(MU + SIG * w)
+    return terms, y0, ito, strat
+
+
+COMMUTATIVE = [
+    (S.EulerMaruyama(), "ito", 0.5),
+    (S.Milstein(), "ito", 1.0),
+    (S.Milstein(derivative_free=True), "ito", 1.0),
+    (S.Milstein("stratonovich"), "stratonovich", 1.0),
+    (S.Milstein("stratonovich", derivative_free=True), "stratonovich", 1.0),
+    (S.EulerHeun(), "stratonovich", 1.0),
+    (S.Heun(), "stratonovich", 1.0),
+    (S.Midpoint(), "stratonovich", 1.0),
+]
+
+
+@pytest.mark.parametrize("noise", ["diagonal", pytest.param("scalar", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("solver,kind,order", COMMUTATIVE, ids=lambda x: repr(x) if not isinstance(x, (str, float)) else None)
+def test_strong_order_commutative_noise_against_exact_solution(solver, kind, order, noise):
+    terms, y0, ito, strat = _gbm(noise)
+    exact = ito if kind == "ito" else strat
+    assert solver.sde_type == kind
+    assert solver.strong_order_for(noise) == order
+    hs = [2.0**-k for k in range(3, 9)]
+    errs = [(_final(terms, solver, y0, h) - exact).abs().mean().item() for h in hs]
+    assert abs(_slope(hs, errs) - order) < 0.2, errs
+
+
+@pytest.fixture(scope="module")
+def additive_problem():
+    n, d, m = 128, 2, 3
+    G = torch.tensor([[0.5, 0.2, -0.3], [0.1, 0.4, 0.3]], dtype=DT)
+    bm = BrownianInterval(0.0, 1.0, (n, m), seed=1, dtype=DT, dt=2**-10, levy_area="space-time")
+    terms = MultiTerm(
+        ODETerm(lambda t, y: torch.sin(y) - 0.5 * y**3 / (1 + y**2)),
+        ControlTerm(lambda t, y: G.expand(y.shape[0], d, m), bm, noise="additive"),
+    )
+    y0 = torch.ones(n, d, dtype=DT)
+    ref = _final(terms, S.SRA1(), y0, 2**-10)
+    return terms, y0, ref
+
+
+@pytest.mark.parametrize(
+    "solver,order",
+    [(S.EulerMaruyama(), 1.0), (S.Milstein(), 1.0), (S.Heun(), 1.0), (S.EulerHeun(), 1.0), (S.Midpoint(), 1.0),
+     (S.SRA1(), 1.5), (S.ShARK(), 1.5)],
+    ids=repr,
+)
+def test_strong_order_additive_noise(additive_problem, solver, order):
+    terms, y0, ref = additive_problem
+    assert solver.strong_order_for("additive") == order
+    hs = [2.0**-k for k in range(2, 7)]
+    errs = [(_final(terms, solver, y0, h) - ref).abs().mean().item() for h in hs]
+    assert abs(_slope(hs, errs) - order) < 0.2, errs
+
+
+def _general_terms(n=128):
+    bm = BrownianInterval(0.0, 1.0, (n, 2), seed=2, dtype=DT, dt=2**-10)
+
+    def g(t, y):
+        # strongly non-commutative noise, so that the Lévy-area error (order 0.5) dominates
+        row0 = torch.stack([0.8 * torch.cos(y[:, 1]), 0.48 * y[:, 0]], -1)
+        row1 = torch.stack([0.32 * torch.sin(y[:, 0]), 0.64 + 0 * y[:, 0]], -1)
+        return torch.stack([row0, row1], -2)
+
+    terms = MultiTerm(ODETerm(lambda t, y: -0.2 * y), ControlTerm(g, bm))
+    return terms, torch.ones(n, 2, dtype=DT)
+
+
+@pytest.fixture(scope="module")
+def general_problem():
+    terms, y0 = _general_terms()
+    refs = {"ito": _final(terms, S.EulerMaruyama(), y0, 2**-10), "stratonovich": _final(terms, S.Heun(), y0, 2**-10)}
+    return terms, y0, refs
+
+
+@pytest.mark.parametrize("solver", [S.EulerMaruyama(), S.Heun(), S.EulerHeun(), S.Midpoint()], ids=repr)
+def test_strong_order_general_noise(general_problem, solver):
+    terms, y0, refs = general_problem
+    ref = refs[solver.sde_type]
+    hs = [2.0**-k for k in range(2, 7)]
+    errs = [(_final(terms, solver, y0, h) - ref).abs().mean().item() for h in hs]
+    assert solver.strong_order == 0.5
+    assert abs(_slope(hs, errs) - 0.5) < 0.2, errs
+
+
+def test_weak_order_euler_maruyama_on_gbm():
+    # E[y_h] - E[y] estimated with the exact solution on the same paths as a control variate
+    terms, y0, ito, _ = _gbm("diagonal", n=4000, seed=3, finest=2**-6)
+    hs = [2.0**-k for k in range(2, 7)]
+    e1, e2 = [], []
+    for h in hs:
+        y = _final(terms, S.EulerMaruyama(), y0, h)
+        e1.append(abs((y - ito).mean().item()))
+        e2.append(abs((y**2 - ito**2).mean().item()))
+        # the exact moments of the scheme: E[y_h] = (1 + mu h)^n, E[y_h^2] = ((1 + mu h)^2 + sig^2 h)^n
+        n = round(1 / h)
+        assert abs(y.mean().item() - (1 + MU * h) ** n) < 4 * y.std().item() / math.sqrt(y.numel())
+    assert abs(_slope(hs, e1) - 1.0) < 0.2, e1
+    assert abs(_slope(hs, e2) - 1.0) < 0.2, e2
+    # and the moments converge to the exact ones
+    assert abs(math.exp(MU) - (1 + MU * hs[-1]) ** round(1 / hs[-1])) < 0.05
+
+
+def test_wrong_noise_structures_are_reported():
+    terms, y0, _, _ = _gbm("diagonal", n=4)
+    with pytest.raises(ValueError, match="additive"):
+        _final(terms, S.SRA1(), y0, 0.1)
+    gterms, gy0 = _general_terms(4)
+    with pytest.raises(ValueError, match="diagonal, scalar or additive"):
+        _final(gterms, S.Milstein(), gy0, 0.1)
+    bm = BrownianInterval(0.0, 1.0, (4, 2), seed=0, dtype=DT)
+    add = MultiTerm(ODETerm(lambda t, y: -y), ControlTerm(lambda t, y: torch.ones_like(y), bm, noise="additive"))
+    with pytest.raises(ValueError, match="space-time"):
+        _final(add, S.ShARK(), torch.ones(4, 2, dtype=DT), 0.1)
+    with pytest.raises(ValueError, match="sde_type"):
+        S.Milstein("backward")
+    with pytest.raises(ValueError, match="one diffusion term"):
+        _final(MultiTerm(ODETerm(lambda t, y: -y)), S.Milstein(), gy0, 0.1)
+
+
+def test_heun_and_midpoint_still_solve_odes():
+    y0 = torch.tensor([1.0], dtype=DT)
+    for solver in (S.Heun(), S.Midpoint()):
+        errs = [abs(nde.solve(ODETerm(lambda t, y: -y), solver, 0.0, 1.0, y0, dt0=h).ys[-1].item() - math.exp(-1))
+                for h in (0.1, 0.05, 0.025)]
+        assert abs(_slope([0.1, 0.05, 0.025], errs) - 2.0) < 0.2
