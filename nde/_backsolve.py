@@ -45,7 +45,8 @@ class BacksolveAdjoint(AbstractAdjoint):
     rtol, atol:
         Tolerances of the backward solve; None takes those of the forward solve's controller.
     solver:
-        Solver of the backward solve; None takes the forward solver.
+        Solver of the backward solve; None takes the forward solver (``Tsit5`` when that is a reversible
+        solver, whose stability region suits the dissipative adjoint system poorly).
     norm:
         ``"seminorm"`` (default) or ``"rms"`` (all channels, including the parameter adjoints).
     params:
@@ -164,6 +165,10 @@ class _BacksolveRunner:
         shape, n = tuple(y0.shape), y0.numel()
         P = sum(x.numel() for x in self.params)
         solver = self.adj.solver or p.solver
+        if self.adj.solver is None and getattr(solver, "reversible", False):
+            from nde.solvers.rk import Tsit5
+
+            solver = Tsit5()
         controller, dt0 = self.adj.backward_controller(p, 2 * n)
         f = augmented_field(p.terms, self.params, p.args, shape, n)
         y = rec.y if rec.y is not None else y0

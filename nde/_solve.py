@@ -637,6 +637,7 @@ def _integrate_independent(p: Problem) -> Solution:
     ev = None if p.event is None else p.event._independent(p, yf, t0_full, tend_full, pad)
     done_y = {}
     step_no = 0
+    on_accept = getattr(p, "on_accept", None)
     while True:
         if not bool(active.any()):
             break
@@ -734,6 +735,8 @@ def _integrate_independent(p: Problem) -> Solution:
             result[widx[ev_hit]] = int(RESULTS.event_occurred)
         y = torch.where(tb(accept), y1, y)
         state = _tree_where(accept, new_state, state)
+        if on_accept is not None:
+            on_accept(widx, accept, t, tn, y, state)
         t = torch.where(accept, tn, t)
         active = active & (t < tend)
         if ev_hit is not None:

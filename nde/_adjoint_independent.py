@@ -1,0 +1,398 @@
+"""The adjoints in independent batch mode.
+
+Every sample has its own accepted steps. The recorded steps are replayed in lockstep: step ``i`` of
+every sample at once, with per-sample times; samples with fewer steps take masked zero-length steps,
+which leave their state untouched. For row-independent vector fields (the premise of independent
+mode) each sample sees exactly the operations of the forward solve, so the gradients are those of
+:class:`~nde.DirectAdjoint`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._adjoint_common import (
+    SolveFunction, collect_params, flatten_state, map_state,
+)
+
+
+def _where_state(mask, new, old, tb):
+    """``new`` where ``mask`` (per sample) else ``old``: exactly the loop's rule for solver states."""
+    from ._solve import _tree_where
+
+    return _tree_where(mask, new, old)
+
+
+def _unflatten_like(template, tensors):
+    it = iter(tensors)
+
+    def rec(s):
+        if isinstance(s, torch.Tensor):
+            return next(it)
+        if isinstance(s, list):
+            return [rec(x) for x in s]
+        if isinstance(s, tuple):
+            return tuple(rec(x) for x in s)
+        if isinstance(s, dict):
+            return {k: rec(s[k]) for k in sorted(s)}
+        return s
+
+    return rec(template)
+
+
+class _IndependentRecorder:
+    """Accepted steps of every sample, and each sample's final state (O(1) memory in the steps)."""
+
+    def __init__(self, y0f, state0):
+        self.recs = []
+        self.y = y0f.clone()
+        self.template = state0
+        self.state = [x.clone() for x in flatten_state(state0)]
+
+    def __call__(self, widx, accept, t, tn, y, state):
+        if not bool(accept.any()):
+            return
+        g = widx[accept]
+        self.recs.append((g, tn[accept]))
+        self.y[g] = y[accept]
+        flat = flatten_state(state)
+        if len(flat) != len(self.state):
+            self.state = [torch.zeros((self.y.shape[0],) + x.shape[1:], dtype=x.dtype, device=x.device) for x in flat]
+            self.template = state
+        for buf, x in zip(self.state, flat):
+            buf[g] = x[accept]
+
+    def times(self, t0_full):
+        B = t0_full.shape[0]
+        cnt = torch.zeros(B, dtype=torch.long, device=t0_full.device)
+        cols = []
+        for g, tn in self.recs:
+            cols.append((g, cnt[g].clone(), tn))
+            cnt[g] += 1
+        nmax = int(cnt.max()) if B else 0
+        T = t0_full.unsqueeze(1).repeat(1, nmax + 1)
+        for g, c, tn in cols:
+            T[g, c + 1] = tn
+        idx = torch.arange(nmax + 1, device=T.device).unsqueeze(0)
+        T = torch.where(idx > cnt.unsqueeze(1), T.gather(1, cnt.unsqueeze(1)), T)
+        return T, cnt
+
+
+class _IndependentRunner:
+    """Forward solve with recording, and the lockstep replay used by every independent-mode adjoint."""
+
+    def __init__(self, adjoint, problem, kind, params, t_in):
+        self.adj, self.p, self.kind, self.params, self.t_in = adjoint, problem, kind, params, t_in
+        self.solution = None
+        p = problem
+        nb = p.batch_ndim
+        self.bshape = tuple(p.y0.shape[:nb])
+        self.B = math.prod(self.bshape)
+        self.ev = tuple(p.y0.shape[nb:])
+        self.pad = (1,) * len(self.ev)
+
+    def tb(self, x):
+        return x.reshape((x.shape[0],) + self.pad)
+
+    def _times(self):
+        p, dev = self.p, self.p.y0.device
+        t0 = torch.as_tensor(p.t0, dtype=torch.float64, device=dev).expand(self.bshape).reshape(self.B)
+        t1 = torch.as_tensor(p.t1, dtype=torch.float64, device=dev).expand(self.bshape).reshape(self.B)
+        return t0, t1
+
+    def init_state(self, yf):
+        p = self.p
+        t0, t1 = self._times()
+        st, _ = p.solver.init(p.terms, self.tb(t0), self.tb(t1), yf, p.args)
+        return st
+
+    def forward(self):
+        from ._solve import integrate
+
+        p = self.p
+        yf = p.y0.detach().reshape((self.B,) + self.ev)
+        with torch.no_grad():
+            st0 = self.init_state(yf)
+            self.rec = _IndependentRecorder(yf, st0)
+            sol = integrate(p.replace(on_accept=self.rec))
+        if not bool((sol.result == 0).all()):
+            raise RuntimeError(f"{type(self.adj).__name__} cannot differentiate a solve that did not succeed.")
+        self.solution = sol
+        self.ys = sol.ys
+        t0, _ = self._times()
+        self.T, self.cnt = self.rec.times(t0)
+        return sol.ys
+
+    # ---- output bookkeeping ------------------------------------------------------------------
+    def _layout(self):
+        p = self.p
+        off = 1 if p.saveat.t0 else 0
+        n_ts = 0
+        ts_full = None
+        if p.ts is not None:
+            ts = p.ts.to(p.y0.device)
+            ts_full = ts.expand(self.bshape + (ts.shape[-1],)).reshape(self.B, -1) if not p.ts_per_sample else ts.reshape(self.B, -1)
+            n_ts = ts_full.shape[1]
+        at_t1 = off + n_ts if p.saveat.t1 else None
+        return off, n_ts, ts_full, at_t1
+
+    def _prepare_outputs(self):
+        off, n_ts, ts_full, at_t1 = self._layout()
+        T = self.T
+        self.off, self.n_ts, self.at_t1 = off, n_ts, at_t1
+        if n_ts:
+            self.ts_start = ts_full <= T[:, :1]
+            self.ts_step = torch.searchsorted(T[:, 1:].contiguous(), ts_full.contiguous(), right=False)
+            self.ts_full = ts_full
+
+    def _slots(self, i):
+        """Saves made inside lockstep step ``i``: a list of ``(has, j, theta)`` per slot."""
+        if not self.n_ts:
+            return []
+        mask = (self.ts_step == i) & ~self.ts_start
+        if not bool(mask.any()):
+            return []
+        rank = torch.cumsum(mask.long(), 1) - 1
+        t, tn = self.T[:, i], self.T[:, i + 1]
+        denom = torch.where(tn > t, tn - t, torch.ones_like(t))
+        out = []
+        for r in range(int(mask.sum(1).max())):
+            sel = mask & (rank == r)
+            has = sel.any(1)
+            j = sel.long().argmax(1)
+            cand = self.ts_full.gather(1, j.unsqueeze(1)).squeeze(1)
+            theta = torch.where(has, ((cand - t) / denom).clamp(0, 1), torch.zeros_like(t))
+            out.append((has, j, theta))
+        return out
+
+    # ---- one lockstep step ---------------------------------------------------------------------
+    def step(self, i, y, st, slots=()):
+        p = self.p
+        t, tn = self.T[:, i], self.T[:, i + 1]
+        real = i < self.cnt
+        y1, _, info, st1, n = p.solver.step(p.terms, self.tb(t), self.tb(tn), y, p.args, st)
+        outs = []
+        for has, j, theta in slots:
+            vals, _ = p.solver.dense_eval(p.terms, p.args, self.tb(t), self.tb(tn), info, self.tb(theta).to(y.dtype))
+            vals = torch.where(self.tb(theta == 1), y1, vals)
+            outs.append((has, j, vals))
+        y1 = torch.where(self.tb(real), y1, y)
+        st1 = _where_state(real, st1, st, self.tb)
+        return y1, st1, outs
+
+    def advance(self, i, y, st):
+        with torch.no_grad():
+            y1, st1, _ = self.step(i, y, st)
+        return y1, st1
+
+    def reverse(self, i, y, st):
+        p = self.p
+        t, tn = self.T[:, i], self.T[:, i + 1]
+        real = i < self.cnt
+        with torch.no_grad():
+            y0, st0, _ = p.solver.reverse_step(p.terms, self.tb(t), self.tb(tn), y, p.args, st)
+            return torch.where(self.tb(real), y0, y), _where_state(real, st0, st, self.tb)
+
+    def vjp(self, i, y, st, a_y, a_st, ctf, grads):
+        slots = self._slots(i)
+        with torch.enable_grad():
+            y_ = y.detach().requires_grad_(True)
+            st_ = map_state(st, lambda x: x.detach().requires_grad_(True))
+            y1, st1, outs = self.step(i, y_, st_, slots)
+            o, g = [y1], [a_y]
+            for has, j, vals in outs:
+                c = ctf[self.off + j, torch.arange(self.B, device=j.device)]
+                o.append(vals)
+                g.append(torch.where(self.tb(has), c, torch.zeros_like(c)))
+            for x, a in zip(flatten_state(st1), a_st if a_st is not None else []):
+                if a is not None:
+                    o.append(x)
+                    g.append(a)
+            keep = [(x, a) for x, a in zip(o, g) if x.requires_grad]
+            ins = [y_] + flatten_state(st_) + self.params
+            res = torch.autograd.grad([x for x, _ in keep], ins, [a for _, a in keep], allow_unused=True)
+        ns = len(flatten_state(st_))
+        for k, gp in enumerate(res[1 + ns:]):
+            if gp is not None:
+                grads[k] = gp if grads[k] is None else grads[k] + gp
+        return (res[0] if res[0] is not None else torch.zeros_like(y)), list(res[1:1 + ns])
+
+    def vjp_init(self, yf, a_y, a_st, grads):
+        if a_st is None or all(a is None for a in a_st):
+            return a_y
+        with torch.enable_grad():
+            y_ = yf.detach().requires_grad_(True)
+            st = self.init_state(y_)
+            keep = [(x, a) for x, a in zip(flatten_state(st), a_st) if a is not None and x.requires_grad]
+            if not keep:
+                return a_y
+            res = torch.autograd.grad([x for x, _ in keep], [y_] + self.params, [a for _, a in keep], allow_unused=True)
+        for k, gp in enumerate(res[1:]):
+            if gp is not None:
+                grads[k] = gp if grads[k] is None else grads[k] + gp
+        return a_y if res[0] is None else a_y + res[0]
+
+    # ---- backward ----------------------------------------------------------------------------
+    def backward(self, ct):
+        p = self.p
+        ctf = ct.reshape((ct.shape[0], self.B) + self.ev)
+        self._prepare_outputs()
+        grads = [None] * len(self.params)
+        yf0 = p.y0.detach().reshape((self.B,) + self.ev)
+        a_y = torch.zeros_like(yf0)
+        if self.at_t1 is not None:
+            a_y = a_y + ctf[self.at_t1]
+        n = self.T.shape[1] - 1
+        if self.kind == "checkpoint":
+            a_y, a_st = self._backward_checkpoint(n, yf0, a_y, ctf, grads)
+        elif self.kind == "reversible":
+            a_y, a_st = self._backward_reversible(n, a_y, ctf, grads)
+        else:
+            raise AssertionError(self.kind)
+        a_y = self.vjp_init(yf0, a_y, a_st, grads)
+        a_y = self._add_start(a_y, ctf)
+        g0, g1 = self._time_grads(yf0, a_y, ctf)
+        out = [a_y.reshape(p.y0.shape)]
+        for t, g in zip(self.t_in, (g0, g1)):
+            if t is not None:
+                out.append(g)
+        return out + grads
+
+    def _add_start(self, a_y, ctf):
+        if self.p.saveat.t0:
+            a_y = a_y + ctf[0]
+        if self.n_ts:
+            m = self.ts_start.to(ctf.dtype)  # (B, n_ts)
+            blk = ctf[self.off:self.off + self.n_ts]  # (n_ts, B, ...)
+            a_y = a_y + (blk * m.t().reshape(m.t().shape + self.pad)).sum(0)
+        return a_y
+
+    def _start_only(self, ctf):
+        z = torch.zeros_like(ctf[0])
+        return self._add_start(z, ctf)
+
+    def _time_grads(self, yf0, a_total, ctf):
+        p = self.p
+        tin0, tin1 = self.t_in
+        g0 = g1 = None
+        if tin0 is None and tin1 is None:
+            return g0, g1
+        terms, args = p.terms, p.args
+        t0, t1 = self._times()
+        with torch.no_grad():
+            if tin1 is not None:
+                if self.at_t1 is None:
+                    g1 = torch.zeros_like(tin1)
+                else:
+                    f1 = terms.ode(self.tb(t1).to(yf0.dtype), self.rec.y, args) * p.sign
+                    g1 = (ctf[self.at_t1] * f1).sum().reshape(tin1.shape).to(tin1.dtype)
+            if tin0 is not None:
+                a = a_total - self._start_only(ctf)
+                f0 = terms.ode(self.tb(t0).to(yf0.dtype), yf0, args) * p.sign
+                g0 = (-(a * f0).sum()).reshape(tin0.shape).to(tin0.dtype)
+        return g0, g1
+
+    def _backward_checkpoint(self, n, yf0, a_y, ctf, grads):
+        from ._checkpoint import binomial_split, default_checkpoints
+
+        slots = self.adj.checkpoints if self.adj.checkpoints is not None else default_checkpoints(n)
+        st0 = self.init_state(yf0)
+        stack = [(0, yf0, st0)]
+        a_st = None
+        end = n
+        while end > 0:
+            i0, y, st = stack[-1]
+            if end - i0 == 1:
+                a_y, a_st = self.vjp(i0, y, st, a_y, a_st, ctf, grads)
+                end = i0
+                if i0 > 0:
+                    stack.pop()
+                continue
+            free = slots - len(stack)
+            if free <= 0:
+                for i in range(i0, end - 1):
+                    y, st = self.advance(i, y, st)
+                a_y, a_st = self.vjp(end - 1, y, st, a_y, a_st, ctf, grads)
+                end -= 1
+                continue
+            m = i0 + binomial_split(end - i0, free)
+            for i in range(i0, m):
+                y, st = self.advance(i, y, st)
+            stack.append((m, y, st))
+        return a_y, a_st
+
+    def _backward_reversible(self, n, a_y, ctf, grads):
+        y = self.rec.y
+        st = _unflatten_like(self.rec.template, self.rec.state)
+        a_st = None
+        for i in range(n - 1, -1, -1):
+            y, st = self.reverse(i, y, st)
+            a_y, a_st = self.vjp(i, y, st, a_y, a_st, ctf, grads)
+        yf0 = self.p.y0.detach().reshape((self.B,) + self.ev)
+        self.adj.backward_stats = {"num_steps": n, "reconstruction_error": float((y - yf0).abs().max()) if n else 0.0}
+        return a_y, a_st
+
+
+def _time_inputs_independent(problem):
+    res = []
+    for t in (problem.t0_in, problem.t1_in):
+        ok = isinstance(t, torch.Tensor) and t.requires_grad and t.numel() == 1 and t.dtype.is_floating_point
+        res.append(t if ok else None)
+    return res
+
+
+def run_independent(problem, adjoint, kind):
+    """Run ``problem`` in independent batch mode under the adjoint ``kind``."""
+    t_in = _time_inputs_independent(problem)
+    params = [x for x in collect_params(problem, adjoint.params) if all(x is not t for t in t_in)]
+    if kind == "backsolve":
+        return _run_backsolve_independent(problem, adjoint, params, t_in)
+    runner = _IndependentRunner(adjoint, problem, kind, params, t_in)
+    inputs = [t for t in t_in if t is not None] + params
+    needs = torch.is_grad_enabled() and (problem.y0.requires_grad or any(x.requires_grad for x in inputs))
+    if not needs:
+        with torch.no_grad():
+            runner.forward()
+        return runner.solution
+    ys = SolveFunction.apply(runner, problem.y0, *inputs)
+    sol = runner.solution
+    sol.ys = ys
+    return sol
+
+
+def _run_backsolve_independent(problem, adjoint, params, t_in):
+    from ._adjoint_common import function_inputs, run_with_function
+    from ._backsolve import _BacksolveRunner
+
+    if isinstance(problem.t0, torch.Tensor) or isinstance(problem.t1, torch.Tensor) or problem.ts_per_sample:
+        raise ValueError(
+            "BacksolveAdjoint in batch_mode='independent' needs t0, t1 and SaveAt(ts=...) shared by all samples; "
+            "use CheckpointAdjoint for per-sample times."
+        )
+
+    class _Runner(_BacksolveRunner):
+        def forward(self):
+            p = self.p
+            inner = _IndependentRunner(adjoint, p, "backsolve", params, t_in)
+            ys = inner.forward()
+            self.solution = inner.solution
+            self.ys = ys
+            self.final_y = inner.rec.y.reshape(p.y0.shape)
+            self.rec = _JointView(p)
+            self.rec.y = self.final_y
+            return ys
+
+    runner = _Runner(adjoint, problem, params, t_in)
+    return run_with_function(runner, problem, function_inputs(t_in, params))
+
+
+class _JointView:
+    """The output times of a shared-time independent solve, in the shape the joint backsolve expects."""
+
+    def __init__(self, p):
+        self.T = [p.t0, p.t1]
+        self.jumps = [False]
+        self.y = None
+        self.state = None
