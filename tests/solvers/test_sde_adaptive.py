@@ -1,0 +1,125 @@
+"""Adaptive SDE stepping (step doubling, ShARK's embedded estimate) and reversible Heun on SDEs."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import nde
+from nde import BrownianInterval, ControlTerm, MultiTerm, ODETerm, PIDController, SaveAt
+from nde.solvers import ReversibleHeun
+from nde.solvers import sde as S
+
+DT = torch.float64
+MU, SIG = 1.0, 0.5
+
+
+def _gbm(n=32, seed=0, dt=None):
+    bm = BrownianInterval(0.0, 1.0, (n, 2), seed=seed, dtype=DT, dt=dt)
+    terms = MultiTerm(ODETerm(lambda t, y: MU * y), ControlTerm(lambda t, y: SIG * y, bm, noise="diagonal"))
+    w = bm.evaluate(0.0, 1.0)
+    return terms, torch.ones(n, 2, dtype=DT), torch.exp(MU + SIG * w), torch.exp(MU - SIG**2 / 2 + SIG * w)
+
+
+@pytest.mark.parametrize("solver", [S.StepDoubling(S.Heun()), S.Heun(), S.StepDoubling(S.Milstein("stratonovich", True))],
+                         ids=repr)
+def test_adaptive_converges_as_tolerance_shrinks(solver):
+    terms, y0, strat, _ = _gbm()
+    errs, steps = [], []
+    for tol in (1e-2, 1e-3):
+        sol = nde.solve(terms, solver, 0.0, 1.0, y0, dt0=0.05, controller=PIDController(rtol=tol, atol=tol))
+        errs.append((sol.ys[-1] - strat).abs().mean().item())
+        steps.append(sol.stats["num_accepted_steps"])
+    assert errs[1] < 0.5 * errs[0]
+    assert steps[1] > steps[0]
+
+
+def test_rejected_steps_see_the_same_brownian_path():
+    # replaying the accepted steps with the same solver reproduces the adaptive solution exactly,
+    # although the adaptive solve also queried (and rejected) other intervals
+    terms, y0, strat, _ = _gbm()
+    solver = S.StepDoubling(S.Heun())
+    sol = nde.solve(terms, solver, 0.0, 1.0, y0, dt0=0.3, controller=PIDController(rtol=1e-3, atol=1e-3),
+                    saveat=SaveAt(steps=True))
+    assert sol.stats["num_rejected_steps"] > 0
+    ts = [0.0] + sol.ts.tolist()
+    y = y0
+    for a, b in zip(ts[:-1], ts[1:]):
+        y = solver.step(terms, a, b, y, None, None)[0]
+    torch.testing.assert_close(y, sol.ys[-1], rtol=0, atol=1e-12)
+
+
+def test_independent_batch_mode():
+    terms, y0, strat, _ = _gbm(n=16)
+    ctrl = PIDController(rtol=1e-3, atol=1e-3)
+    sol = nde.solve(terms, S.StepDoubling(S.Heun()), 0.0, 1.0, y0, dt0=0.05, controller=ctrl, batch_mode="independent")
+    steps = sol.stats["num_steps"]
+    assert steps.shape == (16,) and int(steps.max()) > int(steps.min())
+    assert (sol.ys[-1] - strat).abs().mean().item() < 0.05
+    # with constant steps, independent and joint modes take the same steps on the same path
+    terms, y0, _, _ = _gbm(n=8, dt=0.05)
+    a = nde.solve(terms, S.EulerMaruyama(), 0.0, 1.0, y0, dt0=0.05).ys[-1]
+    b = nde.solve(terms, S.EulerMaruyama(), 0.0, 1.0, y0, dt0=0.05, batch_mode="independent").ys[-1]
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_shark_adaptive_additive_noise():
+    n = 32
+    bm = BrownianInterval(0.0, 1.0, (n, 2), seed=4, dtype=DT, levy_area="space-time", dt=2**-10)
+    terms = MultiTerm(ODETerm(lambda t, y: torch.sin(3 * y) - y),
+                      ControlTerm(lambda t, y: 0.3 * torch.diag_embed(torch.ones_like(y)), bm, noise="additive"))
+    y0 = torch.full((n, 2), 0.5, dtype=DT)
+    ref = nde.solve(terms, S.ShARK(), 0.0, 1.0, y0, dt0=2**-10).ys[-1]
+    errs = []
+    for tol in (1e-3, 1e-5):
+        sol = nde.solve(terms, S.ShARK(), 0.0, 1.0, y0, dt0=0.1, controller=PIDController(rtol=tol, atol=tol))
+        errs.append((sol.ys[-1] - ref).abs().max().item())
+    assert errs[1] < 0.1 * errs[0] and errs[1] < 1e-4
+
+
+# ---- reversible Heun on SDEs ------------------------------------------------------------------
+def _nn_sde(n=32, seed=0):
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(2, 2).double()
+    bm = BrownianInterval(0.0, 1.0, (n, 2), seed=seed, dtype=DT, dt=2**-6)
+    terms = MultiTerm(ODETerm(lambda t, y: torch.tanh(lin(y))),
+                      ControlTerm(lambda t, y: 0.3 * torch.sin(y), bm, noise="diagonal"))
+    return terms, lin
+
+
+def test_reversible_heun_reconstructs_states_backwards():
+    terms, _ = _nn_sde()
+    solver = ReversibleHeun()
+    y = torch.randn(32, 2, dtype=DT)
+    ts = [i * 2**-6 for i in range(65)]
+    state = solver.init(terms, ts[0], ts[1], y, None)[0]
+    ys, states = [y], [state]
+    for a, b in zip(ts[:-1], ts[1:]):
+        y, _, _, state, _ = solver.step(terms, a, b, y, None, state)
+        ys.append(y)
+        states.append(state)
+    for i in range(64, 0, -1):
+        y, state, _ = solver.reverse_step(terms, ts[i - 1], ts[i], y, None, state)
+        assert (y - ys[i - 1]).abs().max().item() <= 1e-10
+    assert (state[0] - states[0][0]).abs().max().item() <= 1e-10
+
+
+def test_reversible_adjoint_gradients_equal_direct_on_sde():
+    terms, lin = _nn_sde()
+    y0 = torch.randn(32, 2, dtype=DT, requires_grad=True)
+    grads = []
+    for adj in (nde.DirectAdjoint(), nde.ReversibleAdjoint()):
+        sol = nde.solve(terms, ReversibleHeun(), 0.0, 1.0, y0, dt0=2**-6, adjoint=adj)
+        grads.append(torch.autograd.grad((sol.ys[-1] ** 2).sum(), [y0, *lin.parameters()]))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_reversible_heun_strong_order():
+    terms, y0, strat, _ = _gbm(n=128, dt=2**-9)
+    hs = [2.0**-k for k in range(3, 9)]
+    errs = [(nde.solve(terms, ReversibleHeun(), 0.0, 1.0, y0, dt0=h).ys[-1] - strat).abs().mean().item() for h in hs]
+    slope = float(np.polyfit(np.log(hs), np.log(errs), 1)[0])
+    # commutative (diagonal) noise: order 1, like the other Stratonovich Heun-type methods
+    assert abs(slope - 1.0) < 0.2, (slope, errs)
