@@ -284,12 +284,17 @@ class AbstractDIRK(AbstractImplicitRK):
             lu = lus.get(g)
             if lu is None:
                 lu = lus[g] = N.Factorised(N.identity_minus(dts * g, J, layout))
-            guess = ks[-1] if ks else f0
+            # starting value: the slope of the stage computed so far whose abscissa is nearest to c_i
+            guess = ks[min(range(i), key=lambda j: abs(tab.c[j] - tab.c[i]))] if ks else f0
             Y, n, fail = self._solve_stage(f, ts[i], base, g, dt, dts, guess, lu, layout, scale, args)
             nfe += n
             if fail is not None:
                 failed = fail if failed is None else failed | fail
                 any_fail = True
+                if tab.b_err is not None and not isinstance(fail, torch.Tensor):
+                    # the step will be rejected: skip the remaining stages
+                    inf = torch.full_like(y0, math.inf)
+                    return y0, inf, {"y0": y0, "y1": y0, "f0": f0, "f1": None}, [None], nfe
             if track:
                 Y, n = self._grad_step(f, ts[i], base, g, dt, dts, Y, layout, args)
                 nfe += n
