@@ -11,3 +11,4 @@ from .implicit import ImplicitEuler, ImplicitMidpoint, Trapezoid, SDIRK2, TRBDF2
 from .adams import AdamsBashforthMoulton, ExplicitAdams, ImplicitAdams, FixedAdams
 from .reversible import AsynchronousLeapfrog, Reversible, ReversibleHeun
 from .sde import AbstractSDESolver, EulerHeun, EulerMaruyama, Heun, Midpoint, Milstein, ShARK, SRA1, StepDoubling
+from .fixed_point import AbstractFixedPointSolver, Anderson, Broyden, FixedPointError, FixedPointIteration, FixedPointResult, FixedPointWarning, NewtonKrylov, get_fixed_point_solver, gmres  # noqa: E501

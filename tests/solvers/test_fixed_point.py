@@ -1,0 +1,197 @@
+import warnings
+
+import pytest
+import torch
+
+from nde.solvers.fixed_point import (
+    Anderson,
+    Broyden,
+    FixedPointError,
+    FixedPointIteration,
+    FixedPointWarning,
+    NewtonKrylov,
+    get_fixed_point_solver,
+    gmres,
+)
+
+ALL = [FixedPointIteration, Anderson, Broyden, NewtonKrylov]
+F64 = torch.float64
+
+
+def contractive_problem(batch=4, dim=20, rho=0.9):
+    # Lipschitz constant <= rho: a symmetric linear part with spectrum spread over
+    # [-(rho - 0.05), rho - 0.05] plus 0.05 tanh
+    g = torch.Generator().manual_seed(1)
+    Q = torch.linalg.qr(torch.randn(batch, dim, dim, generator=g, dtype=F64))[0]
+    lam = (rho - 0.05) * torch.linspace(-1, 1, dim, dtype=F64)
+    W = Q @ torch.diag_embed(lam.expand(batch, dim)) @ Q.transpose(1, 2)
+    b = torch.randn(batch, dim, generator=g, dtype=F64)
+
+    def f(z, b):
+        return torch.bmm(W, z[:, :, None])[:, :, 0] + 0.05 * torch.tanh(z) + b
+
+    return f, b
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_converges_on_contractive_map(cls):
+    f, b = contractive_problem()
+    res = cls(rtol=0, atol=1e-10, max_steps=1000).solve(f, torch.zeros_like(b), (b,))
+    assert res.all_converged
+    assert res.residual.max() <= 1e-10
+    true_res = (f(res.value, b) - res.value).norm(dim=1)
+    torch.testing.assert_close(true_res, res.residual, rtol=0, atol=1e-14)
+    # contraction factor 0.9 => distance to the fixed point <= residual / (1 - 0.9)
+    ref = NewtonKrylov(rtol=0, atol=1e-13).solve(f, torch.zeros_like(b), (b,)).value
+    assert (res.value - ref).norm(dim=1).max() <= 1e-9
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_linear_fixed_point_known_solution(cls):
+    g = torch.Generator().manual_seed(2)
+    n, d = 3, 15
+    A = torch.randn(n, d, d, generator=g, dtype=F64) / d ** 0.5 * 0.6
+    c = torch.randn(n, d, generator=g, dtype=F64)
+    exact = torch.linalg.solve(torch.eye(d, dtype=F64) - A, c[:, :, None])[:, :, 0]
+    f = lambda z: torch.bmm(A, z[:, :, None])[:, :, 0] + c  # noqa: E731
+    res = cls(rtol=0, atol=1e-11, max_steps=500).solve(f, torch.zeros_like(c))
+    assert (res.value - exact).abs().max() <= 1e-9
+    lin = cls(rtol=0, atol=1e-11, max_steps=500).solve_linear(lambda z: torch.bmm(A, z[:, :, None])[:, :, 0], c)
+    assert (lin.value - exact).abs().max() <= 1e-9
+
+
+def test_accelerated_solvers_need_fewer_iterations():
+    f, b = contractive_problem(rho=0.95)
+    its = {}
+    for cls in ALL:
+        res = cls(rtol=0, atol=1e-9, max_steps=1000).solve(f, torch.zeros_like(b), (b,))
+        assert res.all_converged
+        its[cls.__name__] = res.iterations.double().mean().item()
+    naive = its["FixedPointIteration"]
+    assert its["Anderson"] <= 0.6 * naive, its
+    assert its["Broyden"] <= 0.6 * naive, its
+    assert its["NewtonKrylov"] <= 10, its  # outer Newton steps: quadratic convergence
+
+
+def test_per_sample_convergence_and_iteration_counts():
+    # f(z) = r z + 1 with per-sample rate r: naive iteration needs about log(tol)/log(r) steps
+    r = torch.tensor([0.1, 0.5, 0.8, 0.95], dtype=F64)[:, None]
+    f = lambda z: r * z + 1.0  # noqa: E731
+    res = FixedPointIteration(rtol=0, atol=1e-8, max_steps=1000).solve(f, torch.zeros(4, 3, dtype=F64))
+    its = res.iterations.tolist()
+    assert its == sorted(its) and len(set(its)) == 4
+    torch.testing.assert_close(res.value, (1 / (1 - r)).expand(4, 3), rtol=0, atol=1e-6)
+    assert res.residual_history.shape == (res.num_steps, 4)
+    # converged samples are frozen: their recorded residual stops changing
+    k0 = its[0]
+    assert torch.all(res.residual_history[k0 - 1:, 0] == res.residual_history[-1, 0])
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_non_convergence_reported_per_sample(cls):
+    # sample 1 has no fixed point (z -> z + 1); the others converge
+    shift = torch.tensor([0.0, 1.0, 0.0], dtype=F64)[:, None]
+    scale = torch.tensor([0.5, 1.0, 0.3], dtype=F64)[:, None]
+    f = lambda z: scale * z + shift + (1 - scale) * 2.0  # noqa: E731
+    z0 = torch.zeros(3, 2, dtype=F64)
+    with pytest.raises(FixedPointError) as err:
+        cls(rtol=0, atol=1e-8, max_steps=40, throw=True).solve(f, z0)
+    assert err.value.samples == [1]
+    with pytest.warns(FixedPointWarning, match="1 of 3 samples"):
+        res = cls(rtol=0, atol=1e-8, max_steps=40, throw=False).solve(f, z0)
+    assert res.converged.tolist() == [True, False, True]
+    torch.testing.assert_close(res.value[[0, 2]], torch.full((2, 2), 2.0, dtype=F64), rtol=0, atol=1e-7)
+
+
+def test_nan_sample_stops_and_is_reported():
+    def f(z):
+        out = 0.5 * z + 1
+        return torch.cat([out[:1], out[1:2] * float("nan")])
+
+    with pytest.warns(FixedPointWarning):
+        res = Anderson(rtol=0, atol=1e-10, max_steps=50, throw=False).solve(f, torch.zeros(2, 3, dtype=F64))
+    assert res.converged.tolist() == [True, False]
+
+
+def test_root_finding_newton_and_broyden():
+    a = torch.tensor([2.0, 27.0, 0.5, 10.0], dtype=F64)[:, None]
+    g = lambda z, a: z ** 3 - a  # noqa: E731
+    z0 = torch.ones(4, 1, dtype=F64) * 2.0
+    for solver in (NewtonKrylov(rtol=0, atol=1e-12, max_steps=30), Broyden(rtol=0, atol=1e-12, max_steps=100)):
+        res = solver.root(g, z0, (a,))
+        assert res.all_converged
+        torch.testing.assert_close(res.value, a ** (1 / 3), rtol=0, atol=1e-10)
+    res = NewtonKrylov(rtol=0, atol=1e-12, max_steps=30).root(g, z0, (a,))
+    assert res.iterations.max() <= 8  # quadratic convergence
+
+
+def test_newton_krylov_double_backward_jvp_matches_forward_mode():
+    f, b = contractive_problem(batch=3, dim=10)
+    r1 = NewtonKrylov(rtol=0, atol=1e-11, jvp="forward").solve(f, torch.zeros_like(b), (b,))
+    r2 = NewtonKrylov(rtol=0, atol=1e-11, jvp="backward").solve(f, torch.zeros_like(b), (b,))
+    torch.testing.assert_close(r1.value, r2.value, rtol=0, atol=1e-10)
+    assert r1.iterations.tolist() == r2.iterations.tolist()
+
+
+def test_gmres_matches_dense_solve():
+    g = torch.Generator().manual_seed(3)
+    n, d = 5, 40
+    M = torch.eye(d, dtype=F64) + 0.3 * torch.randn(n, d, d, generator=g, dtype=F64) / d ** 0.5
+    bb = torch.randn(n, d, generator=g, dtype=F64)
+    x, res, conv, nmv = gmres(lambda v: torch.bmm(M, v[:, :, None])[:, :, 0], bb, rtol=1e-12, atol=0,
+                              restart=40, max_restarts=2)
+    exact = torch.linalg.solve(M, bb[:, :, None])[:, :, 0]
+    assert conv.all()
+    assert (x - exact).abs().max() <= 1e-9
+    assert nmv <= 42
+
+
+def test_shapes_batch_dims_and_dtype():
+    f = lambda z: 0.5 * z + 1  # noqa: E731
+    z0 = torch.zeros(2, 3, 4, 5, dtype=torch.float32)
+    r1 = Anderson().solve(f, z0)
+    assert r1.value.shape == z0.shape and r1.value.dtype == torch.float32
+    assert r1.converged.shape == (2,) and r1.iterations.shape == (2,)
+    r2 = Anderson().solve(f, z0, batch_dims=2)
+    assert r2.converged.shape == (2, 3) and r2.residual_history.shape[1:] == (2, 3)
+    r0 = Anderson().solve(f, z0, batch_dims=0)
+    assert r0.converged.shape == () and bool(r0.converged)
+    torch.testing.assert_close(r0.value, torch.full_like(z0, 2.0), rtol=0, atol=1e-4)
+    rs = Broyden().solve(lambda z: torch.cos(z), torch.tensor(1.0, dtype=F64))
+    assert abs(rs.value.item() - 0.7390851332151607) < 1e-5
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="rtol"):
+        Anderson(rtol=-1.0)
+    with pytest.raises(ValueError, match="max_steps"):
+        Anderson(max_steps=0)
+    with pytest.raises(ValueError, match="both 0"):
+        FixedPointIteration(rtol=0, atol=0)
+    with pytest.raises(ValueError, match="m"):
+        Anderson(m=0)
+    with pytest.raises(ValueError, match="damping"):
+        FixedPointIteration(damping=1.5)
+    with pytest.raises(ValueError, match=r"shape \(2, 3\).*\(2, 4\)"):
+        Anderson().solve(lambda z: torch.zeros(2, 4), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="batch_dims"):
+        Anderson().solve(lambda z: z, torch.zeros(2, 3), batch_dims=3)
+    with pytest.raises(TypeError, match="z0"):
+        Anderson().solve(lambda z: z, [1.0, 2.0])
+    with pytest.raises(ValueError, match="Unknown fixed-point solver"):
+        get_fixed_point_solver("newtonn")
+    assert isinstance(get_fixed_point_solver("gmres"), NewtonKrylov)
+
+
+def test_damped_iteration_converges_on_nonexpansive_map():
+    # a rotation by 90 degrees is nonexpansive but not contractive: plain iteration cycles,
+    # Krasnosel'skii-Mann averaging converges to the fixed point 0
+    R = torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=F64)
+    f = lambda z: z @ R.T  # noqa: E731
+    z0 = torch.ones(1, 2, dtype=F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FixedPointWarning)
+        plain = FixedPointIteration(rtol=0, atol=1e-8, max_steps=200, throw=False).solve(f, z0)
+    assert not plain.all_converged
+    damped = FixedPointIteration(rtol=0, atol=1e-8, max_steps=200, damping=0.5).solve(f, z0)
+    assert damped.all_converged and damped.value.abs().max() < 1e-7
