@@ -6,6 +6,15 @@ from nde._cdeint import cdeint
 
 torchcde = pytest.importorskip("torchcde")
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # small tensors: threads only add synchronisation (and stall badly on a loaded machine)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 D = torch.float64
 
 

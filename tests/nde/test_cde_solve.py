@@ -6,6 +6,15 @@ from nde.solvers import RK4, RK38, Bosh3, Dopri5, Euler, Heun, Midpoint, Tsit5
 
 torchcde = pytest.importorskip("torchcde")
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # small tensors: threads only add synchronisation (and stall badly on a loaded machine)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 D = torch.float64
 
 

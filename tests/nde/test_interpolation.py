@@ -11,6 +11,15 @@ from nde._interpolation import (
 
 torchcde = pytest.importorskip("torchcde")
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # small tensors: threads only add synchronisation (and stall badly on a loaded machine)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 D = torch.float64
 
 
