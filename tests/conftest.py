@@ -3,7 +3,9 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# one thread per test process: the suite runs under xdist on 2 cores, and oversubscribed torch
+# threads spin and slow everything down by an order of magnitude
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

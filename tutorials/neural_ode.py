@@ -30,6 +30,8 @@ import matplotlib.pyplot as plt
 import torch
 from torch import nn
 
+torch.set_num_threads(1)  # small tensors: one thread is fastest and leaves the other cores free
+
 import nde
 from nde.models import NeuralODE
 
@@ -77,17 +79,14 @@ opt = torch.optim.Adam(model.parameters(), lr=3e-3)
 #
 # Each iteration integrates 16 windows of 10 observations from their first point (a batch solved
 # jointly) and takes an Adam step on the mean absolute error. After a warm-up on short windows the
-# windows grow to 30 observations so that the model also learns the long-time behaviour.
+# windows grow to 20 and then 40 observations so that the model also learns longer-time behaviour.
 
 # %%
 losses, nfes = [], []
 start = time.perf_counter()
-n_iter = 600
+n_iter = 1200
 for it in range(n_iter):
-    window = 10 if it < n_iter // 2 else 30
-    if it == n_iter // 2:
-        for group in opt.param_groups:
-            group["lr"] = 1e-3
+    window = 10 if it < 400 else 20 if it < 800 else 40
     starts = torch.randint(0, len(t) - window, (16,))
     target = torch.stack([ys[starts + i] for i in range(window)])
     pred = model(ys[starts], t[:window])
@@ -101,11 +100,15 @@ for it in range(n_iter):
         print(f"iter {it:4d}  loss {loss.item():.4f}  forward NFE {model.stats['nfe']}")
 train_time = time.perf_counter() - start
 
+window = 40
+all_starts = torch.arange(0, len(t) - window + 1)
 with torch.no_grad():
+    pred = model(ys[all_starts], t[:window])
+    final_loss = (pred - torch.stack([ys[all_starts + i] for i in range(window)])).abs().mean().item()
     fit = model(ys[:1], t)[:, 0]
-final_loss = (fit - ys).abs().mean().item()
 print(f"training time {train_time:.1f} s")
-print(f"final loss over the whole trajectory (mean absolute error): {final_loss:.4f}")
+print(f"final loss (mean absolute error over every 40-observation window): {final_loss:.4f}")
+print(f"mean absolute error of the whole trajectory predicted from y(0) alone: {(fit - ys).abs().mean():.4f}")
 
 # %% [markdown]
 # ## The fit
@@ -113,9 +116,9 @@ print(f"final loss over the whole trajectory (mean absolute error): {final_loss:
 # %%
 fig, axes = plt.subplots(1, 3, figsize=(14, 4))
 axes[0].plot(ys[:, 0], ys[:, 1], "k.", ms=3, label="data")
-axes[0].plot(fit[:, 0], fit[:, 1], "C1", label="neural ODE from y(0)")
+axes[0].plot(fit[:, 0], fit[:, 1], "C1", label="neural ODE from y(0) alone")
 axes[0].set(xlabel="$y_1$", ylabel="$y_2$", title="phase plane")
-axes[0].legend()
+axes[0].legend(loc="center")
 axes[1].plot(t, ys, "k.", ms=3)
 axes[1].plot(t, fit, "C1")
 axes[1].set(xlabel="t", title="components")
