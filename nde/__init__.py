@@ -26,3 +26,5 @@ from ._reversible_adjoint import ReversibleAdjoint
 from ._cdeint import cdeint
 from . import symbolic
 from .symbolic import SymbolicModel, distill, sample_vector_field
+
+from ._sdeint import sdeint, sdeint_adjoint

@@ -409,6 +409,71 @@ class ShARK(AbstractSDESolver):
         return y1, err, {"y0": y0, "y1": y1}, None, 3
 
 
+class SRID2(AbstractSDESolver):
+    """Rößler's SRI-type stochastic Runge--Kutta method for diagonal and scalar noise (Itô); fixed steps.
+
+    Four stages with drift stages ``H0`` and diffusion stages ``H1``; the diffusion is weighted by the
+    iterated integrals ``I1 = dW``, ``I11 = (dW^2 - dt)/2``, ``I111 = (dW^3 - 3 dt dW)/6`` and
+    ``I10 = dt (H + dW/2)`` (``H`` the space-time Lévy area), which are exact for diagonal noise.
+    Strong order 1.5. Rößler (2010), "Runge--Kutta methods for the strong approximation of solutions of
+    stochastic differential equations", *SIAM J. Numer. Anal.* 48.
+    """
+
+    sde_type = _ITO
+    strong_orders = {"general": None, "diagonal": 1.5, "scalar": 1.5, "additive": 1.5}
+    order = 2
+    _c0 = (0.0, 1.0, 0.5, 0.0)
+    _c1 = (0.0, 0.25, 1.0, 0.25)
+    _a0 = ((), (1.0,), (0.25, 0.25), (0.0, 0.0, 0.0))
+    _a1 = ((), (0.25,), (1.0, 0.0), (0.0, 0.0, 0.25))
+    _b0 = ((), (0.0,), (1.0, 0.5), (0.0, 0.0, 0.0))
+    _b1 = ((), (-0.5,), (1.0, 0.0), (2.0, -1.0, 0.5))
+    _alpha = (1 / 6, 1 / 6, 2 / 3, 0.0)
+    _beta = ((-1.0, 4 / 3, 2 / 3, 0.0), (1.0, -4 / 3, 1 / 3, 0.0), (2.0, -4 / 3, -2 / 3, 0.0),
+             (-2.0, 5 / 3, -2 / 3, 1.0))
+
+    def step(self, terms, t0, t1, y0, args, solver_state):
+        drift, diff = _split(terms, self)
+        noise = _noise(diff)
+        if noise == "general":
+            raise ValueError("SRID2 needs diagonal, scalar or additive noise; use EulerMaruyama for general noise.")
+        if noise == "additive":
+            return SRA1.step(self, terms, t0, t1, y0, args, solver_state)
+        dt = _interval(t0, t1, y0)
+        W, H = _levy(diff, t0, t1)
+        W, H = W.to(y0.dtype), H.to(y0.dtype)
+        sq = math.sqrt(abs(dt)) if isinstance(dt, float) else dt.abs().sqrt()
+        i11 = 0.5 * (W * W - abs(dt) if isinstance(dt, float) else W * W - dt.abs())
+        i111 = (W**3 - 3 * (abs(dt) if isinstance(dt, float) else dt.abs()) * W) / 6
+        i10_dt = H + 0.5 * W
+        weights = [W, i11 / sq, i10_dt, i111 / dt]
+        ts0 = [_time(t0 + c * (t1 - t0), y0) for c in self._c0]
+        ts1 = [_time(t0 + c * (t1 - t0), y0) for c in self._c1]
+        fs, gs, gvs = [], [], []
+        y1 = y0
+        for s in range(4):
+            h0, h1 = y0, y0
+            for j in range(s):
+                if self._a0[s][j]:
+                    h0 = h0 + (self._a0[s][j] * dt) * fs[j]
+                if self._b0[s][j]:
+                    h0 = h0 + self._b0[s][j] * gvs[j] * i10_dt
+                if self._a1[s][j]:
+                    h1 = h1 + (self._a1[s][j] * dt) * fs[j]
+                if self._b1[s][j]:
+                    h1 = h1 + (self._b1[s][j] * sq) * gvs[j]
+            fs.append(_drift_vf(drift, ts0[s], h0, args))
+            g = diff.vf(ts1[s], h1, args)
+            gs.append(g)
+            gvs.append(g[..., 0] if noise == "scalar" else g)
+            wgt = None
+            for b, w in zip((x[s] for x in self._beta), weights):
+                if b:
+                    wgt = b * w if wgt is None else wgt + b * w
+            y1 = y1 + (self._alpha[s] * dt) * fs[s] + diff.prod(g, wgt)
+        return y1, None, {"y0": y0, "y1": y1}, None, 8
+
+
 # ---- adaptive stepping by step doubling -------------------------------------------------------
 class StepDoubling(AbstractSolver):
     """Adaptive steps for any SDE solver: one step of ``dt`` against two of ``dt/2``.

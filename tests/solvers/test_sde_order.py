@@ -47,13 +47,14 @@ COMMUTATIVE = [
     (S.EulerHeun(), "stratonovich", 1.0),
     (S.Heun(), "stratonovich", 1.0),
     (S.Midpoint(), "stratonovich", 1.0),
+    (S.SRID2(), "ito", 1.5),
 ]
 
 
 @pytest.mark.parametrize("noise", ["diagonal", pytest.param("scalar", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("solver,kind,order", COMMUTATIVE, ids=lambda x: repr(x) if not isinstance(x, (str, float)) else None)
 def test_strong_order_commutative_noise_against_exact_solution(solver, kind, order, noise):
-    terms, y0, ito, strat = _gbm(noise)
+    terms, y0, ito, strat = _gbm(noise, levy="space-time" if isinstance(solver, S.SRID2) else "none")
     exact = ito if kind == "ito" else strat
     assert solver.sde_type == kind
     assert solver.strong_order_for(noise) == order
@@ -79,7 +80,7 @@ def additive_problem():
 @pytest.mark.parametrize(
     "solver,order",
     [(S.EulerMaruyama(), 1.0), (S.Milstein(), 1.0), (S.Heun(), 1.0), (S.EulerHeun(), 1.0), (S.Midpoint(), 1.0),
-     (S.SRA1(), 1.5), (S.ShARK(), 1.5)],
+     (S.SRA1(), 1.5), (S.ShARK(), 1.5), (S.SRID2(), 1.5)],
     ids=repr,
 )
 def test_strong_order_additive_noise(additive_problem, solver, order):
