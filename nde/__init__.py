@@ -28,3 +28,4 @@ from . import symbolic
 from .symbolic import SymbolicModel, distill, sample_vector_field
 
 from ._sdeint import sdeint, sdeint_adjoint
+from ._implicit import ImplicitAdjoint
