@@ -101,7 +101,7 @@ class FixedPointResult:
         return (
             f"FixedPointResult(converged={int(self.converged.sum())}/{n}, "
             f"max_iterations={int(self.iterations.max()) if n else 0}, "
-            f"max_residual={float(self.residual.max()) if n else 0.0:.3e}, nfe={self.nfe})"
+            f"max_residual={float(self.residual.detach().max()) if n else 0.0:.3e}, nfe={self.nfe})"
         )
 
 
@@ -257,7 +257,7 @@ class AbstractFixedPointSolver:
 
     def _report_failure(self, result, failed):
         idx = torch.nonzero(failed).flatten().tolist()
-        worst = float(result.residual.reshape(-1)[failed].max())
+        worst = float(result.residual.detach().reshape(-1)[failed].max())
         shown = idx[:10] + (["..."] if len(idx) > 10 else [])
         msg = (
             f"{type(self).__name__}: {len(idx)} of {failed.numel()} samples did not converge within "

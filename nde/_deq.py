@@ -1,0 +1,295 @@
+"""Deep equilibrium machinery: fixed points with implicit, phantom or Jacobian-free gradients.
+
+:func:`deq_fixed_point` solves ``z* = f(z*, *args)`` without recording the iterations and
+attaches gradients to ``z*`` by one of
+
+* ``"implicit"``: the implicit function theorem. With ``J = df/dz`` at ``z*``, a cotangent ``v``
+  of ``z*`` becomes ``g`` solving ``g = J^T g + v`` (i.e. ``(I - J)^T g = v``), then flows through
+  one evaluation of ``f`` into ``args`` and the parameters ``f`` closes over. Memory is one
+  evaluation of ``f``, whatever the forward iteration count.
+* ``"phantom"``: ``k`` damped unrolled steps ``z <- (1 - lam) z + lam f(z)`` from ``z*``
+  (Geng et al. 2021); memory ``k`` evaluations.
+* ``"jfb"``: Jacobian-free backpropagation, one step ``f(z*)`` with ``J`` treated as zero
+  (Fung et al. 2022).
+* ``"unrolled"``: backpropagation through every solver iteration (a reference; memory grows
+  with the iteration count).
+
+:func:`implicit_vjp` is the linear solve on its own, for other implicit layers (for instance
+steady states of ODEs).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .solvers.fixed_point import (
+    AbstractFixedPointSolver,
+    Anderson,
+    FixedPointResult,
+    get_fixed_point_solver,
+)
+
+__all__ = ["deq_fixed_point", "implicit_vjp", "jacobian_regularisation", "spectral_radius"]
+
+_BACKWARDS = ("implicit", "phantom", "jfb", "unrolled")
+
+
+def implicit_vjp(vjp: Callable, v: torch.Tensor, solver: AbstractFixedPointSolver | str = "anderson",
+                 batch_dims: int | None = None) -> FixedPointResult:
+    r"""Solve the adjoint system of a fixed point, ``g = J^T g + v``.
+
+    .. math:: (I - \partial f/\partial z)^\top g = v
+
+    Parameters
+    ----------
+    vjp:
+        ``u -> u^T J`` (same shape as ``v``), e.g. from ``torch.autograd.grad(f(z*), z*, u)``.
+    v:
+        The incoming cotangent.
+    solver:
+        Any fixed-point solver (its tolerances apply); :class:`~nde.solvers.NewtonKrylov`
+        solves the system by GMRES.
+    batch_dims:
+        Leading batch dimensions (``vjp`` must not mix samples when positive).
+
+    Returns
+    -------
+    FixedPointResult
+        ``result.value`` is ``g``.
+
+    Bai, Kolter & Koltun, "Deep equilibrium models", NeurIPS 2019.
+    """
+    solver = get_fixed_point_solver(solver)
+    with torch.no_grad():
+        return solver.solve_linear(vjp, v, None, batch_dims)
+
+
+def _as_args(args):
+    if args is None:
+        return ()
+    return args if isinstance(args, tuple) else (args,)
+
+
+class _ImplicitHook:
+    """Tensor hook replacing the cotangent ``v`` of ``f(z*)`` by ``(I - J^T)^{-1} v``."""
+
+    def __init__(self, out, z_leaf, solver, batch_dims):
+        self.out = out
+        self.z_leaf = z_leaf
+        self.solver = solver
+        self.batch_dims = batch_dims
+        self.busy = False
+        self.last_result = None
+
+    def vjp(self, u):
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(self.out, self.z_leaf, u, retain_graph=True, allow_unused=True)
+        return torch.zeros_like(u) if g is None else g
+
+    def __call__(self, grad):
+        if self.busy or grad is None:
+            return grad
+        self.busy = True
+        try:
+            self.last_result = implicit_vjp(self.vjp, grad, self.solver, self.batch_dims)
+        finally:
+            self.busy = False
+        return self.last_result.value
+
+
+def deq_fixed_point(
+    f: Callable,
+    z0: torch.Tensor,
+    args=(),
+    solver: AbstractFixedPointSolver | str = "anderson",
+    backward: str = "implicit",
+    backward_solver: AbstractFixedPointSolver | str | None = None,
+    phantom_steps: int = 5,
+    phantom_damping: float = 0.5,
+    batch_dims: int | None = None,
+    return_result: bool = False,
+):
+    r"""Differentiable fixed point ``z* = f(z*, *args)`` of a map over tensors of any shape.
+
+    The forward solve runs without recording the graph; gradients with respect to ``args``
+    and every parameter ``f`` closes over come from ``backward``:
+
+    * ``"implicit"`` (default): implicit function theorem, ``dz*/dθ = (I - J)^{-1} ∂f/∂θ``;
+      the adjoint system ``(I - J)^T g = v`` is solved by ``backward_solver``.
+    * ``"phantom"``: ``phantom_steps`` unrolled steps ``z <- (1-λ) z + λ f(z)`` from ``z*``.
+    * ``"jfb"``: one step ``f(z*)``, Jacobian-free.
+    * ``"unrolled"``: differentiate through the solver's iterations.
+
+    Parameters
+    ----------
+    f:
+        The map, called ``f(z, *args)``; returns a tensor of the shape of ``z``.
+    z0:
+        Initial guess (no gradient flows to it: ``z*`` does not depend on it).
+    args:
+        Tensor arguments of ``f`` (tuple; a single tensor is accepted).
+    solver:
+        Forward solver: an :class:`~nde.solvers.AbstractFixedPointSolver` or a name
+        (``"naive"``, ``"anderson"``, ``"broyden"``, ``"newton"``).
+    backward:
+        ``"implicit"``, ``"phantom"``, ``"jfb"`` or ``"unrolled"``.
+    backward_solver:
+        Solver of the implicit adjoint system (default: the forward solver); use
+        ``"gmres"``/:class:`~nde.solvers.NewtonKrylov` for GMRES.
+    phantom_steps, phantom_damping:
+        ``k >= 1`` and ``λ`` in ``(0, 1]`` of the phantom gradient.
+    batch_dims:
+        Leading dimensions holding independent samples (default 1; 0 if ``f`` couples samples).
+    return_result:
+        Also return the forward :class:`~nde.solvers.FixedPointResult`.
+
+    Returns
+    -------
+    z : Tensor
+        The equilibrium (for ``"implicit"``/``"jfb"``, ``f(z*)``; for ``"phantom"`` the last
+        unrolled step), carrying gradients.
+    result : FixedPointResult
+        Only if ``return_result``.
+
+    Bai, Kolter & Koltun, "Deep equilibrium models", NeurIPS 2019; Geng et al., "On training
+    implicit models", NeurIPS 2021; Fung et al., "JFB: Jacobian-free backpropagation for implicit
+    networks", AAAI 2022.
+    """
+    if backward not in _BACKWARDS:
+        raise ValueError(f"backward must be one of {_BACKWARDS}, got {backward!r}.")
+    if not (isinstance(phantom_steps, int) and phantom_steps >= 1):
+        raise ValueError(f"phantom_steps must be a positive int, got {phantom_steps!r}.")
+    if not (0 < phantom_damping <= 1):
+        raise ValueError(f"phantom_damping must be in (0, 1], got {phantom_damping!r}.")
+    solver = get_fixed_point_solver(solver)
+    bsolver = solver if backward_solver is None else get_fixed_point_solver(backward_solver)
+    args = _as_args(args)
+
+    if backward == "unrolled" and torch.is_grad_enabled():
+        result = solver.solve(f, z0, args, batch_dims)
+        return (result.value, result) if return_result else result.value
+
+    with torch.no_grad():
+        result = solver.solve(f, z0.detach(), tuple(a.detach() if isinstance(a, torch.Tensor) else a
+                                                    for a in args), batch_dims)
+    z_star = result.value
+    if not torch.is_grad_enabled():
+        out = z_star
+    elif backward == "implicit":
+        z_leaf = z_star.detach().requires_grad_(True)
+        out = f(z_leaf, *args)
+        if out.requires_grad:
+            hook = _ImplicitHook(out, z_leaf, bsolver, batch_dims)
+            out.register_hook(hook)
+    elif backward == "jfb":
+        out = f(z_star.detach(), *args)
+    else:
+        out = z_star.detach()
+        lam = phantom_damping
+        for _ in range(phantom_steps):
+            out = f(out, *args) if lam == 1.0 else (1 - lam) * out + lam * f(out, *args)
+    return (out, result) if return_result else out
+
+
+def _sample_norm_sq(x, batch_dims):
+    return x.pow(2).flatten(batch_dims).sum(-1) if batch_dims > 0 else x.pow(2).sum()
+
+
+def jacobian_regularisation(f: Callable, z: torch.Tensor, args=(), num_samples: int = 1,
+                            create_graph: bool = True, batch_dims: int | None = None,
+                            normalise: bool = True) -> torch.Tensor:
+    r"""Hutchinson estimate of the squared Frobenius norm of ``J = df/dz`` at ``z``.
+
+    .. math:: \|J\|_F^2 = \mathbb{E}_{\epsilon \sim N(0, I)} \|\epsilon^\top J\|_2^2
+
+    Added to the loss (times a small weight) it keeps the equilibrium map well conditioned and
+    the solver iteration counts low (Bai, Koltun & Kolter, "Stabilizing equilibrium models by
+    Jacobian regularization", ICML 2021).
+
+    Parameters
+    ----------
+    f:
+        The map ``f(z, *args)``.
+    z:
+        Point of evaluation (typically ``z*`` detached).
+    args:
+        Extra arguments of ``f``.
+    num_samples:
+        Number of Gaussian probes averaged.
+    create_graph:
+        Keep the graph so the estimate can be backpropagated (True for a training loss).
+    batch_dims:
+        Leading batch dimensions (default 1, 0 for a scalar ``z``); the estimate is per sample.
+    normalise:
+        Divide by the per-sample dimension (the mean squared Jacobian entry), as in the paper.
+
+    Returns
+    -------
+    Tensor
+        Per-sample estimates, shape ``z.shape[:batch_dims]``; take ``.mean()`` for a loss.
+    """
+    if not (isinstance(num_samples, int) and num_samples >= 1):
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}.")
+    if batch_dims is None:
+        batch_dims = 1 if z.ndim >= 1 else 0
+    args = _as_args(args)
+    with torch.enable_grad():
+        zz = z.detach().requires_grad_(True)
+        fz = f(zz, *args)
+        total = 0.0
+        for i in range(num_samples):
+            eps = torch.randn_like(fz)
+            (vjp,) = torch.autograd.grad(fz, zz, eps, create_graph=create_graph,
+                                         retain_graph=create_graph or i < num_samples - 1)
+            total = total + _sample_norm_sq(vjp, batch_dims)
+    est = total / num_samples
+    if normalise:
+        est = est / max(1, zz[(0,) * batch_dims].numel())
+    return est
+
+
+def spectral_radius(f: Callable, z: torch.Tensor, args=(), iters: int = 30,
+                    batch_dims: int | None = None) -> torch.Tensor:
+    r"""Power-iteration estimate of the spectral radius of ``J = df/dz`` at ``z``, per sample.
+
+    .. math:: \rho(J) \approx \big(\textstyle\prod_{k > K/2} \|J^\top v_k\|\big)^{2/K},
+        \quad v_{k+1} = J^\top v_k / \|J^\top v_k\|
+
+    A radius below 1 means the fixed point is locally attracting for naive iteration and
+    ``I - J`` is invertible (the implicit gradient exists); a diagnostic, not a loss.
+
+    Parameters
+    ----------
+    f, z, args:
+        Map, point, extra arguments.
+    iters:
+        Power iterations.
+    batch_dims:
+        Leading batch dimensions (default 1, 0 for a scalar ``z``).
+
+    Returns
+    -------
+    Tensor
+        Estimates of shape ``z.shape[:batch_dims]`` (no gradient).
+    """
+    if not (isinstance(iters, int) and iters >= 1):
+        raise ValueError(f"iters must be a positive int, got {iters!r}.")
+    if batch_dims is None:
+        batch_dims = 1 if z.ndim >= 1 else 0
+    args = _as_args(args)
+    with torch.enable_grad():
+        zz = z.detach().requires_grad_(True)
+        fz = f(zz, *args)
+        v = torch.randn_like(fz)
+        bshape = z.shape[:batch_dims] + (1,) * (z.ndim - batch_dims)
+        v = v / _sample_norm_sq(v, batch_dims).sqrt().reshape(bshape)
+        logs = []
+        for _ in range(iters):
+            (w,) = torch.autograd.grad(fz, zz, v, retain_graph=True)
+            norm = _sample_norm_sq(w, batch_dims).sqrt()
+            logs.append(norm.clamp_min(torch.finfo(w.dtype).tiny).log())
+            v = w / norm.clamp_min(torch.finfo(w.dtype).tiny).reshape(bshape)
+    # geometric mean over the second half: robust to complex dominant pairs (oscillating ratios)
+    return torch.stack(logs[iters // 2:]).mean(0).exp().detach()
