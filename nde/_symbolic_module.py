@@ -241,11 +241,23 @@ class SymbolicModel(nn.Module):
         self._placeholders = placeholders
         dtype = dtype if dtype is not None else torch.get_default_dtype()
         self.constants = nn.Parameter(torch.tensor(values, dtype=dtype).reshape(-1))
+        self._fns = self._compiled()
+        self.info: dict = {}
+
+    def _compiled(self):
         unary = _unary_torch_functions()
         index = {s: i for i, s in enumerate(self.variables)}
-        const_index = {c: k for k, c in enumerate(placeholders)}
-        self._fns = [_compile(tpl, index, self.time_symbol, const_index, unary) for tpl in self._templates]
-        self.info: dict = {}
+        const_index = {c: k for k, c in enumerate(self._placeholders)}
+        return [_compile(tpl, index, self.time_symbol, const_index, unary) for tpl in self._templates]
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_fns", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._fns = self._compiled()
 
     @property
     def variable_names(self) -> list[str]:

@@ -1,3 +1,6 @@
+import copy
+import importlib.util
+import io
 import subprocess
 import sys
 
@@ -257,6 +260,17 @@ def test_views_round_and_latex():
     assert "dx/dt" in str(r) and "dx/dt" in repr(r)
     s = m.simplify()
     torch.testing.assert_close(s(0.0, torch.ones(1, 2, dtype=F64)), m(0.0, torch.ones(1, 2, dtype=F64)))
+    # saved and copied like any module
+    buf = io.BytesIO()
+    torch.save(r, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    copied = copy.deepcopy(r)
+    with torch.no_grad():
+        r.constants.mul_(2)
+    pts = torch.rand(3, 2, dtype=F64)
+    torch.testing.assert_close(loaded(0.0, pts), copied(0.0, pts))
+    torch.testing.assert_close(2 * loaded(0.0, pts), r(0.0, pts))
 
 
 # --- PySR backend (no Julia needed) ------------------------------------------------------------------------------------
@@ -301,7 +315,6 @@ def test_pysr_without_julia_raises_clear_error(monkeypatch):
     data = symbolic.VectorFieldData(torch.rand(10, 2), torch.rand(10, 2))
     had_pysr = "pysr" in sys.modules
     monkeypatch.setattr(symbolic, "_find_julia", lambda: None)
-    import importlib.util
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "pysr" else real_find_spec(n, *a))
     with pytest.raises(RuntimeError, match="Julia") as info:
@@ -312,6 +325,18 @@ def test_pysr_without_julia_raises_clear_error(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "pysr" else real_find_spec(n, *a))
     with pytest.raises(ImportError, match=r"pip install nde\[pysr\]"):
         symbolic.distill(None, data, backend="pysr")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not symbolic.julia_available() or importlib.util.find_spec("pysr") is None,
+                    reason="PySR and Julia are needed")
+def test_pysr_recovers_lotka_volterra():
+    ys = torch.rand(200, 2, dtype=F64) * 3 + 0.2
+    model = symbolic.distill(lotka_volterra, ys, backend="pysr", niterations=30, maxsize=10)
+    assert model.info["fit_error"] < 1e-3
+    fine = model.round(2)
+    pts = torch.rand(20, 2, dtype=F64) * 3
+    torch.testing.assert_close(fine(0.0, pts), lotka_volterra(0.0, pts), atol=1e-8, rtol=0)
 
 
 def test_import_nde_imports_no_optional_dependency():
