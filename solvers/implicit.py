@@ -109,7 +109,8 @@ class _Newton:
         return torch.linalg.vector_norm(r) / math.sqrt(max(r.numel(), 1))
 
     def update(self, dx):
-        """Returns ``(converged, diverged)`` after an increment ``dx``; one host sync."""
+        """After an increment ``dx``: ``(converged, stuck)`` -- every sample converged, or every sample
+        either converged or diverged (so that iterating further is pointless); one host sync."""
         nrm = self.norm(dx)
         ok = nrm <= 1.0
         bad = ~torch.isfinite(nrm)
@@ -118,9 +119,11 @@ class _Newton:
             theta = nrm / self.prev.clamp(min=1e-300)
             ok = ok | ((theta < 0.9) & (theta * nrm <= (1 - theta)))
             bad = bad | ((theta > 2.0) & ~ok & (nrm > 1e3))
+            ok = ok | self.last_ok
+            bad = bad | self.last_bad
         self.prev = nrm
-        flags = torch.stack([ok.all(), bad.any()]).tolist()
-        self.last_ok = ok
+        self.last_ok, self.last_bad = ok, bad & ~ok
+        flags = torch.stack([ok.all(), (ok | bad).all()]).tolist()
         return flags[0], flags[1]
 
 
