@@ -152,6 +152,14 @@ class EulerMaruyama(AbstractSDESolver):
     def step(self, terms, t0, t1, y0, args, solver_state):
         parts = _parts(terms)
         tt = _time(t0, y0)
+        if (len(parts) == 2 and type(parts[0]) is ODETerm and type(parts[1]) is ControlTerm
+                and parts[1].noise == "diagonal" and parts[1]._vf_prod is None and isinstance(t0, float)):
+            # the common case in two fused operations: y0 + f dt + g * dW
+            drift, diff = parts
+            dW = _contr(diff, t0, t1, y0)
+            y1 = torch.add(y0, drift.vf(tt, y0, args), alpha=t1 - t0)
+            y1 = torch.addcmul(y1, diff.vf(tt, y0, args), dW)
+            return y1, None, {"y0": y0, "y1": y1}, None, 1
         y1 = y0
         for term in parts:
             y1 = y1 + term.vf_prod(tt, y0, args, _contr(term, t0, t1, y0))
