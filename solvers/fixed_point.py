@@ -381,27 +381,27 @@ class Anderson(AbstractFixedPointSolver):
 
     def _init_state(self, z):
         n, d = z.shape
-        X = z.new_zeros(n, self.m, d)
+        # images f(x_i), residuals G_i = f(x_i) - x_i and their Gram matrix, in ring buffers
         Fx = z.new_zeros(n, self.m, d)
+        G = z.new_zeros(n, self.m, d)
         Gram = z.new_zeros(n, self.m, self.m)
-        return [X, Fx, Gram, 0]
+        return [Fx, G, Gram, 0]
 
     def _step(self, F, z, fz, g, state, active):
-        X, Fx, Gram, count = state
+        Fx, G, Gram, count = state
         m = self.m
         j = count % m
-        X = _write(X, j, z, 1)
         Fx = _write(Fx, j, fz, 1)
+        G = _write(G, j, g, 1)
         count += 1
         k = min(count, m)
-        # new row of the Gram matrix G G^T, computed against the stored residuals only
-        G = Fx[:, :k] - X[:, :k]
-        row = torch.bmm(G, g[:, :, None])[:, :, 0]
+        # new row of the Gram matrix (elementwise product and sum: faster than a batched gemv)
+        row = (G[:, :k] * g[:, None, :]).sum(dim=-1)
         if torch.is_grad_enabled() and (Gram.requires_grad or row.requires_grad):
             Gram = Gram.clone()
         Gram[:, j, :k] = row
         Gram[:, :k, j] = row
-        state = [X, Fx, Gram, count]
+        state = [Fx, G, Gram, count]
         if k == 1:
             return z + self.damping * g, state
         H = Gram[:, :k, :k]
@@ -413,11 +413,10 @@ class Anderson(AbstractFixedPointSolver):
         alpha = sol[:, :, 0] / sol[:, :, 0].sum(dim=1, keepdim=True)
         ok = (info == 0) & torch.isfinite(alpha).all(dim=1)
         alpha = torch.where(ok[:, None], alpha, torch.zeros_like(alpha))
-        if self.damping == 1.0:
-            z_new = torch.bmm(alpha[:, None, :], Fx[:, :k])[:, 0]
-        else:
-            mix = (1 - self.damping) * X[:, :k] + self.damping * Fx[:, :k]
-            z_new = torch.bmm(alpha[:, None, :], mix)[:, 0]
+        # sum_i alpha_i ((1 - damping) x_i + damping f(x_i)) = sum_i alpha_i (f(x_i) - (1 - damping) G_i)
+        z_new = torch.bmm(alpha[:, None, :], Fx[:, :k])[:, 0]
+        if self.damping != 1.0:
+            z_new = z_new - (1 - self.damping) * torch.bmm(alpha[:, None, :], G[:, :k])[:, 0]
         z_new = torch.where(ok[:, None], z_new, z + self.damping * g)
         return z_new, state
 
@@ -457,13 +456,13 @@ class Broyden(AbstractFixedPointSolver):
 
     @staticmethod
     def _apply(U, V, x):
-        # H x = -x + sum_i u_i (v_i . x)
-        return -x + torch.bmm(U.transpose(1, 2), torch.bmm(V, x[:, :, None]))[:, :, 0]
+        # H x = -x + sum_i u_i (v_i . x)   (elementwise products: faster than batched gemv)
+        return -x + ((V * x[:, None, :]).sum(-1)[:, :, None] * U).sum(1)
 
     @staticmethod
     def _apply_t(U, V, x):
         # H^T x = -x + sum_i v_i (u_i . x)
-        return -x + torch.bmm(V.transpose(1, 2), torch.bmm(U, x[:, :, None]))[:, :, 0]
+        return -x + ((U * x[:, None, :]).sum(-1)[:, :, None] * V).sum(1)
 
     def _step(self, F, z, fz, g, state, active):
         U, V, count, z_prev, g_prev = state
