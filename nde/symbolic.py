@@ -184,8 +184,13 @@ def _sindy_backend(states, derivs, symbols, library=None, threshold=0.05, alpha=
     sympy = _require_sympy()
     if optimizer not in ("auto", "pysindy", "stlsq"):
         raise ValueError(f"optimizer must be 'auto', 'pysindy' or 'stlsq'; got {optimizer!r}.")
+    has_pysindy = importlib.util.find_spec("pysindy") is not None
     if optimizer == "auto":
-        optimizer = "pysindy" if importlib.util.find_spec("pysindy") is not None else "stlsq"
+        optimizer = "pysindy" if has_pysindy else "stlsq"
+    elif optimizer == "pysindy" and not has_pysindy:
+        raise ImportError(
+            "optimizer='pysindy' needs pysindy: `pip install nde[symbolic]`, or use optimizer='stlsq' (nde's own)."
+        )
     library = library if library is not None else polynomial_library(2)
     if not isinstance(library, Library):
         raise TypeError(

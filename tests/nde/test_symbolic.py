@@ -46,7 +46,7 @@ class MLPField(nn.Module):
         return self.net((y - self.mean) / self.std) * self.std
 
 
-def train_neural_ode(ts, ys, adam_steps=50, lbfgs_steps=80):
+def train_neural_ode(ts, ys, adam_steps=50, lbfgs_steps=150):
     """Fit a NeuralODE to consecutive pairs of observations (RK4, two steps per interval)."""
     torch.manual_seed(0)
     flat = ys.reshape(-1, 2)
@@ -107,6 +107,17 @@ def test_exact_lotka_volterra_recovered(optimizer):
     assert_coefficients(model, LV_TRUE, 1e-9)
     assert model.info["fit_error"] < 1e-10
     assert model.info["optimizer"] == optimizer
+
+
+def test_sindy_falls_back_to_own_stlsq_without_pysindy(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "pysindy" else real_find_spec(n, *a))
+    ys = torch.rand(200, 2, dtype=F64) * 3 + 0.2
+    model = symbolic.distill(lotka_volterra, ys)
+    assert model.info["optimizer"] == "stlsq"
+    assert_coefficients(model, LV_TRUE, 1e-9)
+    with pytest.raises(ImportError, match="optimizer='stlsq'"):
+        symbolic.distill(lotka_volterra, ys, optimizer="pysindy")
 
 
 def test_trained_neural_ode_lotka_volterra_within_one_percent():
