@@ -1,0 +1,187 @@
+"""Time and memory of nde's adjoints, side by side, and against torchdiffeq's adjoint.
+
+Three tables:
+
+1. The same neural ODE (batch 64, state 32, 2-hidden-layer tanh MLP of width 64, fixed steps on
+   [0, 1]) at 100 and 1000 steps: forward+backward wall time and peak memory (growth of the resident-set
+   high-water mark over a warm process, each measured in a fresh subprocess) of every adjoint.
+2. BacksolveAdjoint with the seminorm against the RMS norm on the foundation's batch-256 problem
+   (state 16, width 64, t1 = 5, Dopri5, rtol = atol = 1e-6): backward NFE, and forward+backward wall
+   time against torchdiffeq's ``odeint_adjoint(..., adjoint_options=dict(norm="seminorm"))``.
+3. ReversibleAdjoint against CheckpointAdjoint (default checkpoints) at 1000 fixed steps.
+
+Run: python benchmarks/adjoints.py [--repeats N] [--quick]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+import nde
+from nde.solvers import RK4, Dopri5, Reversible, ReversibleHeun, Tsit5
+
+
+def mlp(dim, width, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(dim, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, dim))
+
+
+def median_time(fn, repeats):
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+ADJOINTS = {
+    "DirectAdjoint (RK4)": (lambda: nde.DirectAdjoint(), RK4),
+    "CheckpointAdjoint (RK4)": (lambda: nde.CheckpointAdjoint(), RK4),
+    "BacksolveAdjoint (RK4)": (lambda: nde.BacksolveAdjoint(), RK4),
+    "ReversibleAdjoint (ReversibleHeun)": (lambda: nde.ReversibleAdjoint(), ReversibleHeun),
+    "CheckpointAdjoint (ReversibleHeun)": (lambda: nde.CheckpointAdjoint(), ReversibleHeun),
+    "ReversibleAdjoint (Reversible(RK4))": (lambda: nde.ReversibleAdjoint(), lambda: Reversible(RK4())),
+}
+
+
+def fixed_step_case(name, n):
+    make_adj, make_solver = ADJOINTS[name]
+    net = mlp(32, 64)
+    torch.manual_seed(1)
+    y0 = torch.randn(64, 32, requires_grad=True)
+    adj, solver = make_adj(), make_solver()
+
+    def go():
+        sol = nde.solve(lambda t, y: net(y), solver, 0.0, 1.0, y0, dt0=1.0 / n, adjoint=adj)
+        (sol.ys**2).sum().backward()
+
+    return go
+
+
+def peak_mb():
+    """High-water mark of this process's resident set (VmHWM; unlike ru_maxrss, not inherited at fork)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def memory_child(name):
+    torch.set_num_threads(1)
+    peak = peak_mb
+    fixed_step_case(name, 10)()
+    base = peak()
+    fixed_step_case(name, 100)()
+    p100 = peak()
+    fixed_step_case(name, 1000)()
+    print(json.dumps({"p100": p100 - base, "p1000": peak() - base}))
+
+
+def memory(name):
+    out = subprocess.run([sys.executable, __file__, "--memory-child", name], capture_output=True, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def table1(repeats):
+    print("\n1. Same neural ODE, fixed steps: forward+backward time and peak memory growth (MB)")
+    print(f"{'adjoint (solver)':38s} {'ms @100':>9s} {'ms @1000':>9s} {'MB @100':>8s} {'MB @1000':>9s}")
+    rows = {}
+    for name in ADJOINTS:
+        t100 = median_time(fixed_step_case(name, 100), repeats)
+        t1000 = median_time(fixed_step_case(name, 1000), max(1, repeats // 2))
+        m = memory(name)
+        rows[name] = (t100, t1000, m["p100"], m["p1000"])
+        print(f"{name:38s} {t100 * 1e3:9.1f} {t1000 * 1e3:9.1f} {m['p100']:8.1f} {m['p1000']:9.1f}")
+    return rows
+
+
+def table2(repeats):
+    import torchdiffeq
+
+    print("\n2. batch 256, state 16, width 64, t1 = 5, Dopri5, rtol = atol = 1e-6")
+    net = mlp(16, 64)
+    torch.manual_seed(1)
+    y0 = torch.randn(256, 16, requires_grad=True)
+    ctrl = nde.PIDController(rtol=1e-6, atol=1e-6)
+    res = {}
+    for norm in ("seminorm", "rms"):
+        adj = nde.BacksolveAdjoint(norm=norm)
+
+        def go(adj=adj):
+            sol = nde.solve(lambda t, y: net(y), Dopri5(), 0.0, 5.0, y0, controller=ctrl, adjoint=adj)
+            (sol.ys**2).sum().backward()
+            return sol.stats["nfe"]
+
+        fwd = go()
+        res[f"nde BacksolveAdjoint({norm})"] = (median_time(go, repeats), fwd, adj.backward_stats["nfe"])
+
+    class F(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net, self.n = net, 0
+
+        def forward(self, t, y):
+            self.n += 1
+            return self.net(y)
+
+    for norm in ("seminorm", None):
+        f = F()
+        ts = torch.tensor([0.0, 5.0])
+
+        def go(f=f, norm=norm):
+            f.n = 0
+            ys = torchdiffeq.odeint_adjoint(f, y0, ts, rtol=1e-6, atol=1e-6, method="dopri5",
+                                            adjoint_options=dict(norm=norm) if norm else None)
+            n1 = f.n
+            (ys[-1] ** 2).sum().backward()
+            return n1, f.n - n1
+
+        fwd, bwd = go()
+        res[f"torchdiffeq odeint_adjoint({norm or 'rms'})"] = (median_time(go, repeats), fwd, bwd)
+    print(f"{'method':38s} {'fwd+bwd ms':>11s} {'fwd NFE':>8s} {'bwd NFE':>8s}")
+    for k, (t, fwd, bwd) in res.items():
+        print(f"{k:38s} {t * 1e3:11.1f} {fwd:8d} {bwd:8d}")
+    s, r = res["nde BacksolveAdjoint(seminorm)"], res["nde BacksolveAdjoint(rms)"]
+    td = res["torchdiffeq odeint_adjoint(seminorm)"]
+    print(f"seminorm saves {100 * (1 - s[2] / r[2]):.0f}% of the backward NFE; "
+          f"nde seminorm time / torchdiffeq seminorm time = {s[0] / td[0]:.2f}")
+    return res
+
+
+def table3(rows):
+    print("\n3. ReversibleAdjoint against CheckpointAdjoint (default checkpoints) at 1000 fixed steps")
+    rev = rows["ReversibleAdjoint (ReversibleHeun)"][1]
+    for other in ("CheckpointAdjoint (ReversibleHeun)", "CheckpointAdjoint (RK4)"):
+        print(f"ReversibleAdjoint (ReversibleHeun) / {other}: {rev / rows[other][1]:.2f}")
+    rev2 = rows["ReversibleAdjoint (Reversible(RK4))"][1]
+    print(f"ReversibleAdjoint (Reversible(RK4)) / CheckpointAdjoint (RK4): {rev2 / rows['CheckpointAdjoint (RK4)'][1]:.2f}")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--memory-child")
+    a = parser.parse_args()
+    if a.memory_child:
+        memory_child(a.memory_child)
+        return
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, median of {a.repeats}")
+    rows = table1(a.repeats)
+    table2(a.repeats)
+    table3(rows)
+
+
+if __name__ == "__main__":
+    main()
