@@ -238,4 +238,88 @@ class ImplicitAdams(AdamsBashforthMoulton):
 #: Fixed-step Adams--Bashforth--Moulton; the same method as :class:`ImplicitAdams`.
 FixedAdams = ImplicitAdams
 
-__all__ = ["AdamsBashforthMoulton", "ExplicitAdams", "ImplicitAdams", "FixedAdams"]
+
+class AdaptiveAdams(AbstractSolver):
+    """Variable-step Adams--Bashforth--Moulton in PECE form, with an error estimate for adaptive steps.
+
+    Predict with Adams--Bashforth on the last ``k`` values of ``f`` (order ``k``), evaluate, correct
+    with Adams--Moulton through ``f(t1, y_pred)`` and the same history (order ``k + 1``), evaluate
+    again: two evaluations a step. Coefficients are integrals of the Lagrange basis on the actual,
+    non-uniform nodes, so the step size may change every step. ``k`` grows from 1 (the first step
+    is Euler/trapezoid) to ``order - 1``; the error estimate is ``y_corr - y_pred`` (the local error
+    of the predictor, ``O(dt^order)``), which keeps the corrected solution well inside the tolerance.
+    Joint batch mode only. On smooth non-stiff problems at tight tolerances it needs a third of the
+    evaluations of ``Dopri5``; a controller that limits step growth (``PIDController(factormax=2)``)
+    keeps the variable-step formulas well conditioned.
+
+    Hairer, Nørsett & Wanner, *Solving Ordinary Differential Equations I* (1993), III.5 (variable step
+    size multistep methods); Shampine & Gordon (1975), *Computer Solution of Ordinary Differential
+    Equations: the Initial Value Problem*.
+
+    Parameters
+    ----------
+    order:
+        Order of the predictor once the history is full (2 to 12, default 8; the corrector has one more).
+    """
+
+    supports_independent = False
+
+    def __init__(self, order=8):
+        if not isinstance(order, int) or not 2 <= order <= _MAX_ORDER:
+            raise ValueError(f"order must be an integer between 2 and {_MAX_ORDER}; got {order!r}.")
+        self._order = order
+
+    @property
+    def order(self):
+        return self._order
+
+    @property
+    def error_order(self):
+        return self._order
+
+    def __repr__(self):
+        return f"AdaptiveAdams(order={self._order})"
+
+    def init(self, terms, t0, t1, y0, args):
+        return {"ts": [], "fs": [], "next": None}, 0
+
+    def step(self, terms, t0, t1, y0, args, solver_state):
+        if not isinstance(t0, float):
+            raise ValueError("AdaptiveAdams keeps one history for the whole batch: use batch_mode='joint'.")
+        f = terms.ode
+        dt = t1 - t0
+        st = solver_state if solver_state is not None else {"ts": [], "fs": [], "next": None}
+        nfe = 0
+        pending = st["next"]
+        if pending is not None and pending[0] == t0:
+            f0 = pending[1]
+        else:
+            f0 = f(torch.tensor(t0, dtype=y0.dtype, device=y0.device), y0, args)
+            nfe += 1
+        ts = ([t0] + list(st["ts"]))[: self._order - 1]
+        fs = ([f0] + list(st["fs"]))[: self._order - 1]
+        nodes = [(t - t0) / dt for t in ts]
+        beta = [float(x) for x in _integrated_lagrange(nodes)]
+        y_pred = y0 + _combine(fs, beta, dt)
+        tt1 = torch.tensor(t1, dtype=y0.dtype, device=y0.device)
+        f_pred = f(tt1, y_pred, args)
+        m = [float(x) for x in _integrated_lagrange([1.0] + nodes)]
+        y1 = y0 + _combine([f_pred] + fs, m, dt)
+        f1 = f(tt1, y1, args)
+        nfe += 2
+        with torch.no_grad():
+            y_err = y1 - y_pred
+        new_state = {"ts": ts, "fs": fs, "next": (t1, f1)}
+        dense_info = {"y0": y0, "y1": y1, "f0": f0, "f1": f1}
+        return y1, y_err, dense_info, new_state, nfe
+
+    def dense_eval(self, terms, args, t0, t1, dense_info, theta):
+        d = dense_info
+        return _hermite(d["y0"], d["y1"], d["f0"], d["f1"], t1 - t0, theta), 0
+
+    def dense_derivative(self, terms, args, t0, t1, dense_info, theta):
+        d = dense_info
+        return _hermite_derivative(d["y0"], d["y1"], d["f0"], d["f1"], t1 - t0, theta) + 0 * theta, 0
+
+
+__all__ = ["AdamsBashforthMoulton", "ExplicitAdams", "ImplicitAdams", "FixedAdams", "AdaptiveAdams"]
