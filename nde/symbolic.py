@@ -179,7 +179,7 @@ def sample_vector_field(model_or_f, ys, ts=None, args=None, variable_names: Sequ
 # backends: each maps (states, derivatives, symbols, options) -> (expressions, info)
 
 
-def _sindy_backend(states, derivs, symbols, library=None, threshold=0.05, alpha=1e-8, max_iter=20,
+def _sindy_backend(inputs, derivs, symbols, library=None, threshold=0.05, alpha=1e-8, max_iter=20,
                    optimizer="auto", unbias=True, max_samples=None, seed=0):
     sympy = _require_sympy()
     if optimizer not in ("auto", "pysindy", "stlsq"):
@@ -197,8 +197,8 @@ def _sindy_backend(states, derivs, symbols, library=None, threshold=0.05, alpha=
             "library must be an nde.symbolic.Library, e.g. polynomial_library(2) + rational_library(); "
             f"got {type(library).__name__}."
         )
-    states, derivs = _subsample(states, derivs, max_samples, seed)
-    feats, theta = library.evaluate(symbols, states)
+    inputs, derivs = _subsample(inputs, derivs, max_samples, seed)
+    feats, theta = library.evaluate(symbols, inputs)
     regress = pysindy_stlsq if optimizer == "pysindy" else stlsq
     coef = regress(theta, derivs, threshold=threshold, alpha=alpha, max_iter=max_iter, unbias=unbias)
     exprs = []
@@ -282,53 +282,73 @@ _PYSR_DEFAULTS = dict(
 )
 
 
-def pysr_inputs(data: VectorFieldData, max_samples: int | None = 1000, seed: int = 0, **pysr_options):
+def pysr_inputs(data: VectorFieldData, include_time: bool = False, max_samples: int | None = 1000, seed: int = 0,
+                **pysr_options):
     """What the PySR backend hands to PySR: ``(X, Y, feature_names, regressor_options)``.
 
-    ``X`` and ``Y`` are float64 arrays ``(n, d)`` (``Y`` is 1-D when ``d == 1``), subsampled to at most
+    ``X`` is a float64 array ``(n, d)`` of states (``(n, d + 1)`` with the time as last column when
+    ``include_time``), ``Y`` the ``(n, d)`` derivatives (1-D when ``d == 1``), subsampled to at most
     ``max_samples`` rows; the features are named ``x0, x1, ...`` (mapped back to the variable names
     when the expressions come back); the options are nde's deterministic defaults updated by
     ``pysr_options``.
     """
-    states, derivs = data.numpy()
-    states, derivs = _subsample(states, derivs, max_samples, seed)
+    inputs, _ = _regression_inputs(data, include_time)
+    return _pysr_arrays(inputs, data.numpy()[1], max_samples, seed, pysr_options)
+
+
+def _pysr_arrays(inputs, derivs, max_samples, seed, pysr_options):
+    inputs, derivs = _subsample(inputs, derivs, max_samples, seed)
     opts = dict(_PYSR_DEFAULTS)
     opts.update(pysr_options)
     if opts.get("deterministic") and opts.get("parallelism") != "serial":
         opts["deterministic"] = False
-    names = [f"x{i}" for i in range(states.shape[1])]
+    names = [f"x{i}" for i in range(inputs.shape[1])]
     y = derivs[:, 0] if derivs.shape[1] == 1 else derivs
-    return states, y, names, opts
+    return inputs, y, names, opts
 
 
-def pysr_expressions(regressor, symbols) -> list:
+def _regression_inputs(data: VectorFieldData, include_time: bool):
+    """The regression inputs (states, plus the time as last column if asked) and their symbols."""
+    sympy = _require_sympy()
+    states = data.numpy()[0]
+    symbols = as_symbols(data.variable_names)
+    if not include_time:
+        return states, symbols
+    if data.times is None:
+        raise ValueError(
+            "include_time=True needs the times of the samples: pass ts to distill or sample_vector_field."
+        )
+    times = data.times.detach().cpu().double().numpy()[:, None]
+    return np.concatenate([states, times], axis=1), symbols + [sympy.Symbol("t")]
+
+
+def pysr_expressions(regressor, symbols, n_outputs: int | None = None) -> list:
     """The expressions of a fitted PySR regressor (anything with ``sympy(index)``), in nde's symbols.
 
-    PySR names the features ``x0, x1, ...``; they are renamed to ``symbols`` and every float
-    constant becomes a trainable constant of the resulting :class:`SymbolicModel`.
+    PySR names the features ``x0, x1, ...``; feature ``i`` is renamed to ``symbols[i]`` (the last one
+    may be the time ``t``) and every float constant becomes a trainable constant of the resulting
+    :class:`SymbolicModel`. ``n_outputs`` (default ``len(symbols)``) is the number of expressions.
     """
     sympy = _require_sympy()
-    d = len(symbols)
-    rename = {sympy.Symbol(f"x{i}"): s for i, s in enumerate(symbols)}
+    d = len(symbols) if n_outputs is None else n_outputs
+    rename = {f"x{i}": s for i, s in enumerate(symbols)}
     out = []
     for i in range(d):
         e = regressor.sympy() if d == 1 else regressor.sympy(i)
         if isinstance(e, (list, tuple)):
             e = e[0]
         e = sympy.sympify(e)
-        # PySR's symbols may carry assumptions (real=True): match by name.
-        by_name = {s: rename[sympy.Symbol(s.name)] for s in e.free_symbols if sympy.Symbol(s.name) in rename}
-        out.append(e.xreplace(by_name))
+        # PySR's symbols may carry assumptions (real=True): match them by name.
+        out.append(e.xreplace({s: rename[s.name] for s in e.free_symbols if s.name in rename}))
     return out
 
 
-def _pysr_backend(states, derivs, symbols, install_julia=False, max_samples=1000, seed=0, **pysr_options):
+def _pysr_backend(inputs, derivs, symbols, install_julia=False, max_samples=1000, seed=0, **pysr_options):
     pysr = _require_pysr(install_julia)
-    data = VectorFieldData(torch.from_numpy(states), torch.from_numpy(derivs), None, [s.name for s in symbols])
-    x, y, names, opts = pysr_inputs(data, max_samples=max_samples, seed=seed, **pysr_options)
+    x, y, names, opts = _pysr_arrays(inputs, derivs, max_samples, seed, pysr_options)
     reg = pysr.PySRRegressor(**opts)
     reg.fit(x, y, variable_names=names)
-    return pysr_expressions(reg, symbols), {"regressor": reg}
+    return pysr_expressions(reg, symbols, derivs.shape[1]), {"regressor": reg}
 
 
 _BACKENDS = {"sindy": _sindy_backend, "pysr": _pysr_backend}
@@ -365,8 +385,13 @@ def distill(model_or_f, data, backend: str | Callable = "sindy", variable_names:
         ``max_samples`` (1000) and any ``PySRRegressor`` argument (``niterations``,
         ``binary_operators``, ``unary_operators``, ...).
 
-        A callable ``backend(states, derivatives, symbols, **options) -> list of sympy expressions``
-        (numpy float64 arrays ``(N, d)``) plugs in any other regression.
+        Both accept ``include_time=True``: the time ``t`` becomes an input of the regression (for
+        non-autonomous fields; needs the times of the samples).
+
+        A callable ``backend(inputs, derivatives, symbols, **options) -> list of sympy expressions``
+        plugs in any other regression: ``inputs`` is ``(N, d)`` (``(N, d + 1)`` with the time
+        last under ``include_time``), ``derivatives`` ``(N, d)``, both numpy float64, and
+        ``symbols`` names the columns of ``inputs``.
     variable_names:
         Names of the state variables (default: those of ``data``, else ``x, y, z`` / ``y0, y1, ...``).
     ts, args:
@@ -403,8 +428,10 @@ def distill(model_or_f, data, backend: str | Callable = "sindy", variable_names:
         fn = backend
     else:
         raise TypeError(f"backend must be a string or a callable; got {type(backend).__name__}.")
-    states, derivs = data.numpy()
-    result = fn(states, derivs, symbols, **backend_options)
+    include_time = backend_options.pop("include_time", False)
+    data = VectorFieldData(data.states, data.derivatives, data.times, names)
+    inputs, in_symbols = _regression_inputs(data, include_time)
+    result = fn(inputs, data.numpy()[1], in_symbols, **backend_options)
     exprs, info = result if isinstance(result, tuple) else (result, {})
     exprs = list(exprs)
     if len(exprs) != len(symbols):

@@ -173,6 +173,32 @@ def test_trigonometric_and_rational_libraries():
     assert model.round(2).equations() == ["dx/dt = -0.2*y + 0.7*sin(x)", "dy/dt = 2*x/(x + 1) + 0.5*cos(y)"]
 
 
+def test_time_dependent_field_with_include_time():
+    def field(t, y):
+        t = t[..., 0]
+        return torch.stack([-0.5 * y[..., 0] + 0.8 * t, 1.0 * y[..., 0] * t - y[..., 1]], -1)
+
+    ys = torch.rand(200, 2, dtype=F64) * 2 - 1
+    ts = torch.rand(200, dtype=F64) * 3
+    model = symbolic.distill(field, ys, ts=ts, include_time=True, optimizer="stlsq")
+    assert model.round(6).equations() == ["dx/dt = 0.8*t - 0.5*x", "dy/dt = t*x - y"]
+    y0 = torch.tensor([[0.3, -0.2]], dtype=F64)
+    sol = nde.solve(model, nde.solvers.Tsit5(), 0.0, 2.0, y0, controller=nde.PIDController(1e-9, 1e-9),
+                    batch_mode="independent")
+    ref = nde.solve(field, nde.solvers.Tsit5(), 0.0, 2.0, y0, controller=nde.PIDController(1e-9, 1e-9),
+                    batch_mode="independent")
+    torch.testing.assert_close(sol.ys, ref.ys, atol=1e-7, rtol=0)
+    with pytest.raises(ValueError, match="include_time=True needs the times"):
+        symbolic.distill(None, (ys, ys), include_time=True)
+    x, y, names, _ = symbolic.pysr_inputs(symbolic.sample_vector_field(field, ys, ts), include_time=True)
+    assert x.shape == (200, 3) and names == ["x0", "x1", "x2"]
+    np.testing.assert_array_equal(np.sort(x[:, 2]), np.sort(ts.numpy()))
+    t_sym = sympy.Symbol("t")
+    exprs = symbolic.pysr_expressions(_FakeRegressor([sympy.Symbol("x2") * 0.8, sympy.Symbol("x1")]),
+                                      [sympy.Symbol("x"), sympy.Symbol("y"), t_sym], n_outputs=2)
+    assert exprs[0] == 0.8 * t_sym
+
+
 def test_nde_stlsq_agrees_with_pysindy():
     pytest.importorskip("pysindy")
     rng = np.random.default_rng(1)
