@@ -30,10 +30,25 @@ def check_jacobian_mode(jacobian):
     return jacobian
 
 
-def resolve_layout(jacobian, y, joint):
-    """``"full"`` or ``"batch"`` for a state ``y``; ``"auto"`` is full in joint mode, batch in independent mode."""
+#: largest dense Newton system ``"auto"`` builds over the whole state (a 4096 x 4096 float64 matrix is 134 MB)
+MAX_AUTO_FULL = 4096
+
+
+def resolve_layout(jacobian, y, joint, stages=1):
+    """``"full"`` or ``"batch"`` for a state ``y``; ``"auto"`` is full in joint mode, batch in independent mode.
+
+    In joint mode ``"auto"`` refuses to build a dense system of more than :data:`MAX_AUTO_FULL`
+    unknowns (``stages * y.numel()``) and asks for an explicit choice instead.
+    """
     if jacobian == "auto":
         jacobian = "full" if joint else "batch"
+        if joint and stages * y.numel() > MAX_AUTO_FULL:
+            raise ValueError(
+                f"The Newton system over the whole state has {stages * y.numel()} unknowns ({stages} stage(s) x "
+                f"{y.numel()} state entries), too many for a dense Jacobian. Pass jacobian='batch' to the solver if "
+                f"the samples along the first dimension of y (shape {tuple(y.shape)}) do not interact (block-diagonal "
+                "Jacobian, one small system per sample), or jacobian='full' to build the dense system anyway."
+            )
     if jacobian == "batch" and y.dim() == 0:
         return "full"
     return jacobian

@@ -136,6 +136,7 @@ class AbstractImplicitRK(AbstractSolver):
         ``"auto"`` (default): one Jacobian of the whole state in joint batch mode, a block-diagonal
         one (one block a sample, the leading dimension) in independent mode. ``"full"`` or
         ``"batch"`` force either; ``"batch"`` in joint mode is right only when samples do not interact.
+        ``"auto"`` raises rather than build a dense Newton system of more than 4096 unknowns.
     newton_rtol, newton_atol:
         The Newton iteration stops when the RMS of ``increment / (atol + rtol |y0|)`` is at most 1.
         Default ``eps^(3/4)`` of the dtype (about 2e-12 in float64, 6e-6 in float32). The
@@ -188,7 +189,8 @@ class AbstractImplicitRK(AbstractSolver):
         joint = isinstance(dt, float)
         if not joint:
             dt = dt.to(y0.dtype)
-        layout = N.resolve_layout(self.jacobian if joint else "batch", y0, joint)
+        tab = self.tableau
+        layout = N.resolve_layout(self.jacobian if joint else "batch", y0, joint, 1 if tab.diagonal else tab.stages)
         if not joint and y0.dim() == 0:
             raise ValueError(f"{type(self).__name__} in independent mode needs a state with a batch dimension.")
         # per-sample step sizes for the Newton matrices: (B,) in independent mode

@@ -253,3 +253,13 @@ def test_float32_and_bad_arguments():
         SDIRK2(newton_rtol=-1.0)
     with pytest.raises(ValueError, match="fixed steps"):
         nde.solve(f_linear, GaussLegendre4(), 0.0, 1.0, Y0)
+
+
+def test_auto_refuses_huge_dense_newton_system():
+    y0 = torch.rand(512, 3, dtype=torch.float64)  # 3 stages x 1536 unknowns
+    with pytest.raises(ValueError, match="jacobian='batch'"):
+        nde.solve(f_logistic, RadauIIA5(), 0.0, 0.1, y0, dt0=0.05)
+    with torch.no_grad():
+        sol = nde.solve(f_logistic, RadauIIA5(jacobian="batch"), 0.0, 0.1, y0, dt0=0.05)
+    e = math.exp(K * 0.1)
+    torch.testing.assert_close(sol.ys[-1], y0 * e / (1 - y0 + y0 * e), rtol=0, atol=1e-8)
