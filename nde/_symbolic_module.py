@@ -86,7 +86,7 @@ def _make_template(expr, placeholders: list, values: list):
 def _compile(expr, index: dict, time_symbol, const_index: dict, unary: dict) -> Callable:
     """A function ``(t, cols, c) -> tensor or float`` evaluating ``expr``.
 
-    ``cols[i]`` is the i-th state variable, ``t`` the time and ``c`` the vector of constants.
+    ``cols[i]`` is the i-th state variable, ``t`` the time and ``c`` the constants (a tuple of 0-d tensors).
     """
     sympy = _require_sympy()
     if expr in const_index:
@@ -139,14 +139,14 @@ def _compile(expr, index: dict, time_symbol, const_index: dict, unary: dict) -> 
     fn = unary.get(expr.func)
     if fn is not None and len(args) == 1:
         a0 = args[0]
-        return lambda t, cols, c: fn(_as_tensor(a0(t, cols, c), c))
+        return lambda t, cols, c: fn(_as_tensor(a0(t, cols, c), cols[0]))
     if isinstance(expr, (sympy.Max, sympy.Min)):
         red = torch.maximum if isinstance(expr, sympy.Max) else torch.minimum
 
         def minmax(t, cols, c, args=args):
-            out = _as_tensor(args[0](t, cols, c), c)
+            out = _as_tensor(args[0](t, cols, c), cols[0])
             for a in args[1:]:
-                out = red(out, _as_tensor(a(t, cols, c), c))
+                out = red(out, _as_tensor(a(t, cols, c), cols[0]))
             return out
         return minmax
     raise ValueError(
@@ -155,8 +155,8 @@ def _compile(expr, index: dict, time_symbol, const_index: dict, unary: dict) -> 
     )
 
 
-def _as_tensor(x, c):
-    return x if isinstance(x, torch.Tensor) else torch.as_tensor(x, dtype=c.dtype, device=c.device)
+def _as_tensor(x, ref):
+    return x if isinstance(x, torch.Tensor) else torch.as_tensor(x, dtype=ref.dtype, device=ref.device)
 
 
 def _sq(x):
@@ -277,7 +277,7 @@ class SymbolicModel(nn.Module):
                 f"y must have {len(self.variables)} entries in its last dimension (variables {self.variable_names}); "
                 f"got shape {tuple(y.shape)}."
             )
-        c = self.constants
+        c = self.constants.unbind(0)  # one op here rather than one indexing op per constant per call
         cols = y.unbind(-1)
         if isinstance(t, torch.Tensor):
             t = t.to(y.dtype)
@@ -289,7 +289,9 @@ class SymbolicModel(nn.Module):
             o = self._fns[i](t, cols, c)
             if not isinstance(o, torch.Tensor):
                 o = torch.as_tensor(o, dtype=y.dtype, device=y.device)
-            outs.append(o.to(y.dtype).expand(batch))
+            if o.shape != batch or o.dtype != y.dtype:
+                o = o.to(y.dtype).expand(batch)
+            outs.append(o)
         return torch.stack(outs, dim=-1)
 
     # -- symbolic views ------------------------------------------------------------------------
