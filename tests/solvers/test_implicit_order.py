@@ -263,3 +263,15 @@ def test_auto_refuses_huge_dense_newton_system():
         sol = nde.solve(f_logistic, RadauIIA5(jacobian="batch"), 0.0, 0.1, y0, dt0=0.05)
     e = math.exp(K * 0.1)
     torch.testing.assert_close(sol.ys[-1], y0 * e / (1 - y0 + y0 * e), rtol=0, atol=1e-8)
+
+
+def test_newton_failure_rejects_adaptive_steps_and_warns_fixed_steps():
+    ctrl = nde.PIDController(rtol=1e-6, atol=1e-8)
+    with torch.no_grad():
+        sol = nde.solve(f_logistic, Kvaerno5(max_newton_iters=2), 0.0, T1, C, controller=ctrl)
+        ref = nde.solve(f_logistic, Kvaerno5(), 0.0, T1, C, controller=ctrl)
+    # too few iterations: steps are rejected (error estimate inf) until they are small enough to converge
+    assert sol.stats["num_rejected_steps"] > 10 * max(ref.stats["num_rejected_steps"], 1)
+    assert (sol.ys[-1] - exact_logistic(T1)).abs().max() < 1e-6
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        nde.solve(f_logistic, ImplicitEuler(max_newton_iters=1), 0.0, T1, C, dt0=0.5)
