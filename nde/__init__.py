@@ -30,3 +30,4 @@ from .symbolic import SymbolicModel, distill, sample_vector_field
 from ._sdeint import sdeint, sdeint_adjoint
 from ._implicit import ImplicitAdjoint
 from ._deq import deq_fixed_point, implicit_vjp, jacobian_regularisation, spectral_radius
+from ._logsig import LogODETerm, logsig_windows, logsignature, logsignature_channels
