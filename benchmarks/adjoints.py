@@ -16,7 +16,6 @@ Run: python benchmarks/adjoints.py [--repeats N] [--quick]
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -33,14 +32,15 @@ def mlp(dim, width, seed=0):
     return nn.Sequential(nn.Linear(dim, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, dim))
 
 
-def median_time(fn, repeats):
+def best_time(fn, repeats):
+    """Fastest of ``repeats`` runs after a warm-up (robust to other load on a shared machine)."""
     fn()
     ts = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    return min(ts)
 
 
 ADJOINTS = {
@@ -98,8 +98,8 @@ def table1(repeats):
     print(f"{'adjoint (solver)':38s} {'ms @100':>9s} {'ms @1000':>9s} {'MB @100':>8s} {'MB @1000':>9s}")
     rows = {}
     for name in ADJOINTS:
-        t100 = median_time(fixed_step_case(name, 100), repeats)
-        t1000 = median_time(fixed_step_case(name, 1000), max(1, repeats // 2))
+        t100 = best_time(fixed_step_case(name, 100), repeats)
+        t1000 = best_time(fixed_step_case(name, 1000), max(1, repeats // 2))
         m = memory(name)
         rows[name] = (t100, t1000, m["p100"], m["p1000"])
         print(f"{name:38s} {t100 * 1e3:9.1f} {t1000 * 1e3:9.1f} {m['p100']:8.1f} {m['p1000']:9.1f}")
@@ -124,7 +124,7 @@ def table2(repeats):
             return sol.stats["nfe"]
 
         fwd = go()
-        res[f"nde BacksolveAdjoint({norm})"] = (median_time(go, repeats), fwd, adj.backward_stats["nfe"])
+        res[f"nde BacksolveAdjoint({norm})"] = (best_time(go, repeats), fwd, adj.backward_stats["nfe"])
 
     class F(nn.Module):
         def __init__(self):
@@ -148,7 +148,7 @@ def table2(repeats):
             return n1, f.n - n1
 
         fwd, bwd = go()
-        res[f"torchdiffeq odeint_adjoint({norm or 'rms'})"] = (median_time(go, repeats), fwd, bwd)
+        res[f"torchdiffeq odeint_adjoint({norm or 'rms'})"] = (best_time(go, repeats), fwd, bwd)
     print(f"{'method':38s} {'fwd+bwd ms':>11s} {'fwd NFE':>8s} {'bwd NFE':>8s}")
     for k, (t, fwd, bwd) in res.items():
         print(f"{k:38s} {t * 1e3:11.1f} {fwd:8d} {bwd:8d}")
@@ -177,7 +177,7 @@ def main():
         memory_child(a.memory_child)
         return
     torch.set_num_threads(1)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, median of {a.repeats}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, best of {a.repeats}")
     rows = table1(a.repeats)
     table2(a.repeats)
     table3(rows)

@@ -87,6 +87,13 @@ class _ReversibleRunner:
         stepper = JointStepper(p, T, rec.jumps, per_step, self.params)
         grads = [None] * len(self.params)
         y0 = p.y0.detach()
+        if _fused_heun_applies(p, rec):
+            a_y, rnfe, self.reconstruction_error = _heun_backward(p, T, rec, per_step, ct, self.params, grads)
+            for k in at_start:
+                a_y = a_y + ct[k]
+            self.adj.backward_stats = {"nfe": rnfe, "num_steps": n, "reconstruction_error": self.reconstruction_error}
+            g0, g1 = time_grads(p, self.t_in, y0, rec.y if rec.y is not None else y0, a_y, ct, at_start, at_t1)
+            return assemble_grads(self.t_in, self.params, a_y, g0, g1, grads)
         a_y, a_st = torch.zeros_like(y0), None
         y, st = rec.y, rec.state
         rnfe = 0
@@ -103,3 +110,76 @@ class _ReversibleRunner:
                                    "reconstruction_error": self.reconstruction_error}
         g0, g1 = time_grads(p, self.t_in, y0, rec.y if rec.y is not None else y0, a_y, ct, at_start, at_t1)
         return assemble_grads(self.t_in, self.params, a_y, g0, g1, grads)
+
+
+# ---------------------------------------------------------------------------------------------
+# reversible Heun: reconstruction and adjoint fused, one vector-field evaluation (with its graph)
+# and one vector-Jacobian product a step
+def _fused_heun_applies(p, rec):
+    from nde.solvers.reversible import ReversibleHeun
+
+    return (type(p.solver) is ReversibleHeun and rec.state is not None and isinstance(rec.state[1], torch.Tensor)
+            and len(rec.T) > 1)
+
+
+def _heun_backward(p, T, rec, per_step, ct, params, grads):
+    """Adjoint of reversible Heun's steps, reconstructing them on the way.
+
+    A step is ``z1 = 2 y0 - z0 + P(v0)``, ``v1 = f(t1, z1)``, ``y1 = y0 + (P(v0) + P(v1)) / 2`` with
+    ``P(v) = prod(v, dX)``; its transpose needs ``f``'s VJP at ``z1`` only, whose graph the previous
+    reconstruction (which evaluated ``f(t1, z1)``) left behind.
+    """
+    from nde.solvers.reversible import _cast, _time
+
+    terms, args = p.terms, p.args
+
+    def f_graph(t, z):
+        with torch.enable_grad():
+            zl = z.detach().requires_grad_(True)
+            return zl, terms.vf(_time(t, zl), zl, args)
+
+    def prod_t(c, a, like):
+        with torch.enable_grad():
+            vl = like.detach().requires_grad_(True)
+            out = terms.prod(vl, c)
+            (g,) = torch.autograd.grad(out, vl, a)
+        return g
+
+    def vjp_f(vv, zl, a):
+        with torch.enable_grad():
+            res = torch.autograd.grad(vv, [zl] + params, a, allow_unused=True)
+        for j, gp in enumerate(res[1:]):
+            if gp is not None:
+                grads[j] = gp if grads[j] is None else grads[j] + gp
+        return res[0] if res[0] is not None else torch.zeros_like(zl)
+
+    y, (z, _) = rec.y, rec.state
+    zl, vv = f_graph(T[-1], z)
+    nfe = 1
+    a_y, a_z, a_v = torch.zeros_like(y), torch.zeros_like(y), torch.zeros_like(vv)
+    for i in range(len(T) - 2, -1, -1):
+        t0, t1 = T[i], T[i + 1]
+        c = _cast(terms.contr(t0, t1), y)
+        extra = None
+        for k, th in per_step[i]:
+            if th is None:
+                a_y = a_y + ct[k]
+            else:
+                a_y = a_y + th * ct[k]
+                extra = (1 - th) * ct[k] if extra is None else extra + (1 - th) * ct[k]
+        v1 = vv.detach()
+        with torch.no_grad():
+            d1 = terms.prod(v1, c)
+            z0 = 2 * y - zl.detach() - d1
+        zl0, vv0 = f_graph(t0, z0)
+        nfe += 1
+        with torch.no_grad():
+            y0 = y - 0.5 * (terms.prod(vv0.detach(), c) + d1)
+        half = 0.5 * prod_t(c, a_y, v1)
+        a_z1 = a_z + vjp_f(vv, zl, a_v + half)
+        a_y = a_y + 2 * a_z1 + (extra if extra is not None else 0)
+        a_z = -a_z1
+        a_v = half + prod_t(c, a_z1, v1)
+        y, zl, vv = y0, zl0, vv0
+    a_y = a_y + a_z + vjp_f(vv, zl, a_v)
+    return a_y, nfe, float((y - p.y0.detach()).abs().max())
