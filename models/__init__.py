@@ -6,3 +6,4 @@ from .neural_ode import NeuralODE
 from .neural_cde import CDEVectorField, NeuralCDE
 from .deq import DEQ, DEQInfo, MonotoneDEQ, MonotoneLinear
 from .cnf import CNF
+from .neural_sde import CDEDiscriminator, LatentSDE, LipSwish, NeuralSDE, SDEGAN, SDEGenerator
