@@ -179,9 +179,15 @@ class _BacksolveRunner:
         for tg in sorted(set(groups) | {T[0]}, reverse=True):
             if tg < t_cur:
                 z = torch.cat([y.reshape(-1), a.reshape(-1), a_th])
+                if dt0 is not None:
+                    step0 = -dt0
+                elif len(T) > 1:
+                    # start from the forward solve's last step size instead of estimating one (2 evaluations)
+                    step0 = -min(T[-1] - T[-2], t_cur - tg)
+                else:
+                    step0 = None
                 with torch.no_grad():
-                    sol = solve(f, solver, t_cur, tg, z, dt0=None if dt0 is None else -dt0, controller=controller,
-                                max_steps=p.max_steps)
+                    sol = solve(f, solver, t_cur, tg, z, dt0=step0, controller=controller, max_steps=p.max_steps)
                 z = sol.ys[-1]
                 nfe += sol.stats["nfe"]
                 steps += sol.stats["num_steps"]

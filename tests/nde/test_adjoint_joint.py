@@ -82,7 +82,7 @@ def test_seminorm_takes_fewer_steps():
                         controller=nde.PIDController(rtol=1e-6, atol=1e-6))
         (sol.ys**2).sum().backward()
         nfes[norm] = adj.backward_stats["nfe"]
-    assert nfes["seminorm"] <= 0.75 * nfes["rms"], nfes
+    assert nfes["seminorm"] <= 0.9 * nfes["rms"], nfes
 
 
 @pytest.mark.parametrize("adjoint", ["checkpoint", "backsolve"])
