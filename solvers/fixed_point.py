@@ -348,8 +348,8 @@ class Anderson(AbstractFixedPointSolver):
     .. math:: \min_\alpha \|\textstyle\sum_i \alpha_i G_i\|^2 + \lambda\|\alpha\|^2,\quad \sum_i \alpha_i = 1,
 
     and sets ``z <- sum_i alpha_i ((1 - damping) x_i + damping f(x_i))``. The regulariser is
-    relative (``lam`` times the largest diagonal entry of the Gram matrix), so the method is
-    invariant to the scale of ``z``. If the small system is singular or its solution is not
+    relative (``lam + 10 eps`` times the largest diagonal entry of the Gram matrix, ``eps`` the
+    machine epsilon of the dtype), so the method is invariant to the scale of ``z``. If the small system is singular or its solution is not
     finite, that sample takes a plain damped step instead.
 
     Walker & Ni, "Anderson acceleration for fixed-point iterations", SIAM J. Numer. Anal. 2011.
@@ -406,13 +406,18 @@ class Anderson(AbstractFixedPointSolver):
             return z + self.damping * g, state
         H = Gram[:, :k, :k]
         scale = H.diagonal(dim1=1, dim2=2).amax(dim=1)
-        reg = (self.lam * scale + torch.finfo(z.dtype).tiny)[:, None, None]
+        finfo = torch.finfo(z.dtype)
+        reg = ((self.lam + 10 * finfo.eps) * scale + finfo.tiny)[:, None, None]
         eye = torch.eye(k, dtype=z.dtype, device=z.device)
+        # frozen samples (their buffers repeat one residual) get a harmless identity system, so
+        # that nothing non-finite enters the graph when the iterations are differentiated
+        A = torch.where(active[:, None, None], H + reg * eye, eye)
         ones = z.new_ones(z.shape[0], k, 1)
-        sol, info = torch.linalg.solve_ex(H + reg * eye, ones)
-        alpha = sol[:, :, 0] / sol[:, :, 0].sum(dim=1, keepdim=True)
-        ok = (info == 0) & torch.isfinite(alpha).all(dim=1)
-        alpha = torch.where(ok[:, None], alpha, torch.zeros_like(alpha))
+        sol, info = torch.linalg.solve_ex(A, ones)
+        total = sol[:, :, 0].sum(dim=1, keepdim=True)
+        ok = (info == 0) & torch.isfinite(sol[:, :, 0]).all(dim=1) & (total[:, 0].abs() > finfo.tiny)
+        total = torch.where(ok[:, None], total, torch.ones_like(total))
+        alpha = torch.where(ok[:, None], sol[:, :, 0] / total, torch.full_like(sol[:, :, 0], 1.0 / k))
         # sum_i alpha_i ((1 - damping) x_i + damping f(x_i)) = sum_i alpha_i (f(x_i) - (1 - damping) G_i)
         z_new = torch.bmm(alpha[:, None, :], Fx[:, :k])[:, 0]
         if self.damping != 1.0:

@@ -195,3 +195,21 @@ def test_damped_iteration_converges_on_nonexpansive_map():
     assert not plain.all_converged
     damped = FixedPointIteration(rtol=0, atol=1e-8, max_steps=200, damping=0.5).solve(f, z0)
     assert damped.all_converged and damped.value.abs().max() < 1e-7
+
+
+@pytest.mark.parametrize("cls", [Anderson, Broyden])
+def test_differentiating_through_iterations_with_frozen_samples_is_finite(cls):
+    # sample 0 saturates and freezes after a few iterations while the others keep going: the
+    # frozen sample's history is degenerate, which must not put NaNs into the unrolled gradient
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 16)
+    with torch.no_grad():
+        lin.weight.mul_(0.999 / torch.linalg.matrix_norm(lin.weight, ord=2))
+    x = torch.randn(6, 16)
+    x[0] *= 100.0
+    x[1] *= 0.01
+    res = cls(rtol=0, atol=1e-6, max_steps=100, throw=False).solve(lambda z, x: torch.tanh(lin(z) + x),
+                                                                    torch.zeros(6, 16), (x,))
+    assert res.iterations[0] < res.iterations[1:].min()
+    (g,) = torch.autograd.grad(res.value.pow(2).sum(), lin.weight)
+    assert torch.isfinite(g).all()
