@@ -100,6 +100,7 @@ class _Newton:
         self.per_sample = layout == "batch"
         self.stacked = stacked
         self.prev = None
+        self.rate = 0.0
 
     def norm(self, dx):
         r = dx / self.scale
@@ -114,17 +115,20 @@ class _Newton:
         nrm = self.norm(dx)
         ok = nrm <= 1.0
         bad = ~torch.isfinite(nrm)
+        rate = torch.zeros((), dtype=nrm.dtype, device=nrm.device)
         if self.prev is not None:
             # linear convergence at rate theta leaves an error of about theta / (1 - theta) * |dx|
             theta = nrm / self.prev.clamp(min=1e-300)
+            rate = torch.where(self.last_ok, torch.zeros_like(theta), theta).max()
             ok = ok | ((theta < 0.9) & (theta * nrm <= (1 - theta)))
             bad = bad | ((theta > 2.0) & ~ok & (nrm > 1e3))
             ok = ok | self.last_ok
             bad = bad | self.last_bad
         self.prev = nrm
         self.last_ok, self.last_bad = ok, bad & ~ok
-        flags = torch.stack([ok.all(), (ok | bad).all()]).tolist()
-        return flags[0], flags[1]
+        flags = torch.stack([ok.all().to(nrm.dtype), (ok | bad).all().to(nrm.dtype), rate]).tolist()
+        self.rate = max(self.rate, flags[2]) if math.isfinite(flags[2]) else math.inf
+        return flags[0] > 0, flags[1] > 0
 
 
 class AbstractImplicitRK(AbstractSolver):
@@ -142,6 +146,11 @@ class AbstractImplicitRK(AbstractSolver):
         Default ``eps^(3/4)`` of the dtype (about 2e-12 in float64, 6e-6 in float32). The
         iteration also stops once the estimated remaining error ``theta / (1 - theta) |increment|``
         (``theta`` the observed contraction rate) is within the tolerance.
+    jacobian_reuse_rate:
+        The Jacobian is kept for the next step while the Newton iterations of this one contracted
+        faster than this rate (and converged); ``0`` computes it afresh every step. The default 0.01
+        keeps it only when the iteration is nearly exact, which pays when the Jacobian is expensive
+        (neural vector fields) and costs almost no extra iterations otherwise.
     max_newton_iters:
         Iterations allowed per solve. When they do not suffice, an adaptive method rejects the step
         (its error estimate becomes infinite) and a fixed-step method retries with a Jacobian refreshed
@@ -155,8 +164,12 @@ class AbstractImplicitRK(AbstractSolver):
     tableau: ImplicitTableau
     implicit = True
 
-    def __init__(self, jacobian="auto", newton_rtol=None, newton_atol=None, max_newton_iters=10):
+    def __init__(self, jacobian="auto", newton_rtol=None, newton_atol=None, max_newton_iters=10,
+                 jacobian_reuse_rate=0.01):
         self.jacobian = N.check_jacobian_mode(jacobian)
+        if not isinstance(jacobian_reuse_rate, (int, float)) or not 0 <= jacobian_reuse_rate < 1:
+            raise ValueError(f"jacobian_reuse_rate must be a number in [0, 1); got {jacobian_reuse_rate!r}.")
+        self.jacobian_reuse_rate = float(jacobian_reuse_rate)
         for name, v in (("newton_rtol", newton_rtol), ("newton_atol", newton_atol)):
             if v is not None and (not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0):
                 raise ValueError(f"{name} must be a positive number or None (dtype default); got {v!r}.")
@@ -181,7 +194,34 @@ class AbstractImplicitRK(AbstractSolver):
         return min(t.order, t.embedded_order) + 1
 
     def init(self, terms, t0, t1, y0, args):
-        return [None], 0
+        """The Jacobian at ``(t0, y0)`` (and ``f(t0, y0)`` for FSAL methods); ``(state, nfe)``."""
+        _, _, _, layout, _ = self._setup(t0, t1, y0)
+        f = terms.ode
+        tt0 = torch.as_tensor(t0, dtype=y0.dtype, device=y0.device) if isinstance(t0, float) else t0.to(y0.dtype)
+        J, fy0 = N.jacobian(lambda y: f(tt0, y, args), y0, layout)
+        nfe = 1
+        f1 = None
+        if self.tableau.fsal:
+            f1 = fy0
+            if torch.is_grad_enabled():
+                f1 = f(tt0, y0, args)
+                nfe += 1
+        return {"f1": f1, "J": J, "fresh": True}, nfe
+
+    def _start(self, f, t_start, y0, args, layout, state):
+        """The Jacobian for this step (kept from the last one when it converged fast) and, when it was
+        computed here, ``f(t0, y0)`` (detached)."""
+        if isinstance(state, dict) and state.get("fresh") and state.get("J") is not None:
+            return state["J"], None, 0
+        J, fy0 = N.jacobian(lambda y: f(t_start, y, args), y0, layout)
+        return J, fy0, 1
+
+    def _new_state(self, state, f1, J, failed, rate):
+        fresh = (not failed) and rate < self.jacobian_reuse_rate
+        if failed and isinstance(state, dict):
+            # a rejected step restarts from this state: make it recompute the Jacobian
+            state["fresh"] = False
+        return {"f1": f1, "J": J, "fresh": fresh}
 
     # ---- shared pieces -------------------------------------------------------------------
     def _setup(self, t0, t1, y0):
@@ -260,11 +300,10 @@ class AbstractDIRK(AbstractImplicitRK):
         t_start = ts[0] if tab.c[0] == 0.0 else _stage_times(t0, dt, [0.0], y0.dtype, y0.device)[0]
         dt_safe = dt if joint else torch.where(dt == 0, torch.ones_like(dt), dt)
         nfe = 0
-        f0 = solver_state[0] if (solver_state is not None and tab.fsal) else None
-        J, fy0 = N.jacobian(lambda y: f(t_start, y, args), y0, layout)
-        nfe += 1
+        J, fy0, nfe = self._start(f, t_start, y0, args, layout, solver_state)
+        f0 = solver_state.get("f1") if (isinstance(solver_state, dict) and tab.fsal) else None
         if f0 is None:
-            if torch.is_grad_enabled():
+            if torch.is_grad_enabled() or fy0 is None:
                 f0 = f(t_start, y0, args)
                 nfe += 1
             else:
@@ -275,6 +314,7 @@ class AbstractDIRK(AbstractImplicitRK):
         lus = {}
         failed = None
         any_fail = False
+        rate = 0.0
         for i in range(tab.stages):
             row = tab.a[i]
             base = y0
@@ -291,15 +331,17 @@ class AbstractDIRK(AbstractImplicitRK):
                 lu = lus[g] = N.Factorised(N.identity_minus(dts * g, J, layout))
             # starting value: the slope of the stage computed so far whose abscissa is nearest to c_i
             guess = ks[min(range(i), key=lambda j: abs(tab.c[j] - tab.c[i]))] if ks else f0
-            Y, n, fail = self._solve_stage(f, ts[i], base, g, dt, dts, guess, lu, layout, scale, args)
+            Y, n, fail, r = self._solve_stage(f, ts[i], base, g, dt, dts, guess, lu, layout, scale, args)
             nfe += n
+            rate = max(rate, r)
             if fail is not None:
                 failed = fail if failed is None else failed | fail
                 any_fail = True
                 if tab.b_err is not None and not isinstance(fail, torch.Tensor):
                     # the step will be rejected: skip the remaining stages
                     inf = torch.full_like(y0, math.inf)
-                    return y0, inf, {"y0": y0, "y1": y0, "f0": f0, "f1": None}, [None], nfe
+                    state = self._new_state(solver_state, None, J, True, rate)
+                    return y0, inf, {"y0": y0, "y1": y0, "f0": f0, "f1": None}, state, nfe
             if track:
                 Y, n = self._grad_step(f, ts[i], base, g, dt, dts, Y, layout, args)
                 nfe += n
@@ -318,12 +360,12 @@ class AbstractDIRK(AbstractImplicitRK):
         elif any_fail:
             self._warn(t0)
         f1 = ks[-1] if tab.last_is_f1 else None
-        new_state = [f1 if tab.fsal else None]
+        new_state = self._new_state(solver_state, f1 if tab.fsal else None, J, any_fail, rate)
         dense_info = {"y0": y0, "y1": y1, "f0": f0, "f1": f1}
         return y1, y_err, dense_info, new_state, nfe
 
     def _solve_stage(self, f, ti, base, g, dt, dts, guess, lu, layout, scale, args):
-        """Solve ``Y = base + dt g f(ti, Y)`` without autograd. Returns ``(Y, nfe, failed)``."""
+        """Solve ``Y = base + dt g f(ti, Y)`` without autograd. Returns ``(Y, nfe, failed, rate)``."""
         nfe = 0
         adaptive = self.tableau.b_err is not None
         with torch.no_grad():
@@ -342,7 +384,7 @@ class AbstractDIRK(AbstractImplicitRK):
                     if ok or bad:
                         break
                 if ok:
-                    return Y, nfe, None
+                    return Y, nfe, None, conv.rate
                 if attempt == 0 and not adaptive:
                     # refresh the Jacobian at the current iterate and try once more
                     if bad:
@@ -351,7 +393,7 @@ class AbstractDIRK(AbstractImplicitRK):
                     nfe += 1
                     lu = N.Factorised(N.identity_minus(dts * g, J, layout))
             failed = ~conv.last_ok if layout == "batch" else True
-            return Y, nfe, failed
+            return Y, nfe, failed, conv.rate
 
     def _grad_step(self, f, ti, base, g, dt, dts, Y, layout, args):
         """One Newton step with autograd and the exact Jacobian at ``Y`` (implicit-function derivative)."""
@@ -396,9 +438,11 @@ class AbstractFIRK(AbstractImplicitRK):
         A = co["a"]
         ts = _stage_times(t0, dt, tab.c, y0.dtype, y0.device)
         t_start = _stage_times(t0, dt, [0.0], y0.dtype, y0.device)[0]
-        nfe = 0
-        J, f0 = N.jacobian(lambda y: f(t_start, y, args), y0, layout)
-        nfe += 1
+        J, f0, nfe = self._start(f, t_start, y0, args, layout, solver_state)
+        if f0 is None:
+            with torch.no_grad():
+                f0 = f(t_start, y0, args)
+            nfe += 1
 
         def residual(Z, y0_):
             Fs = torch.stack([f(ts[i], y0_ + Z[i], args) for i in range(s)])
@@ -450,7 +494,7 @@ class AbstractFIRK(AbstractImplicitRK):
                 Z = Z - N.from_system(lu.solve(N.to_system(G, layout, s)), y0.shape, layout, s)
         y1 = y0 + torch.tensordot(co["d"], Z, dims=1)
         dense_info = {"y0": y0, "y1": y1, "Z": list(Z.unbind(0))}
-        return y1, y_err, dense_info, [None], nfe
+        return y1, y_err, dense_info, self._new_state(solver_state, None, J, not ok, conv.rate), nfe
 
     def dense_eval(self, terms, args, t0, t1, dense_info, theta):
         y0 = dense_info["y0"]

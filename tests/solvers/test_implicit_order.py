@@ -275,3 +275,27 @@ def test_newton_failure_rejects_adaptive_steps_and_warns_fixed_steps():
     assert (sol.ys[-1] - exact_logistic(T1)).abs().max() < 1e-6
     with pytest.warns(RuntimeWarning, match="did not converge"):
         nde.solve(f_logistic, ImplicitEuler(max_newton_iters=1), 0.0, T1, C, dt0=0.5)
+
+
+def test_jacobian_reuse_on_linear_problem_and_validation(monkeypatch):
+    # on a linear problem the Newton iteration is exact, so one Jacobian serves the whole solve
+    import nde.solvers._newton as newton
+
+    calls = {"n": 0}
+    original = newton.jacobian
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return original(*a, **k)
+
+    monkeypatch.setattr(newton, "jacobian", counting)
+    ctrl = nde.PIDController(rtol=1e-8, atol=1e-10)
+    with torch.no_grad():
+        reused = nde.solve(f_linear, RadauIIA5(), 0.0, T1, Y0, controller=ctrl)
+        n_reused, calls["n"] = calls["n"], 0
+        fresh = nde.solve(f_linear, RadauIIA5(jacobian_reuse_rate=0.0), 0.0, T1, Y0, controller=ctrl)
+    torch.testing.assert_close(reused.ys, fresh.ys, rtol=0, atol=1e-12)
+    assert reused.stats["num_steps"] == fresh.stats["num_steps"]
+    assert n_reused == 1 and calls["n"] == fresh.stats["num_steps"], (n_reused, calls["n"])
+    with pytest.raises(ValueError, match="jacobian_reuse_rate"):
+        Kvaerno5(jacobian_reuse_rate=1.5)
