@@ -43,11 +43,15 @@ def resolve_layout(jacobian, y, joint, stages=1):
     if jacobian == "auto":
         jacobian = "full" if joint else "batch"
         if joint and stages * y.numel() > MAX_AUTO_FULL:
+            hint = (
+                f"Pass jacobian='batch' to the solver if the samples along the first dimension of y (shape "
+                f"{tuple(y.shape)}) do not interact (block-diagonal Jacobian, one small system per sample), or "
+                if y.dim() >= 2 else "Pass "
+            )
             raise ValueError(
                 f"The Newton system over the whole state has {stages * y.numel()} unknowns ({stages} stage(s) x "
-                f"{y.numel()} state entries), too many for a dense Jacobian. Pass jacobian='batch' to the solver if "
-                f"the samples along the first dimension of y (shape {tuple(y.shape)}) do not interact (block-diagonal "
-                "Jacobian, one small system per sample), or jacobian='full' to build the dense system anyway."
+                f"{y.numel()} state entries), too many for a dense Jacobian. {hint}jacobian='full' to build the "
+                "dense system anyway, or use an explicit solver if the problem is not stiff."
             )
     if jacobian == "batch" and y.dim() == 0:
         return "full"
