@@ -86,7 +86,8 @@ def test_seminorm_takes_fewer_steps():
 
 
 @pytest.mark.parametrize("adjoint", ["checkpoint", "backsolve"])
-def test_gradcheck_joint(adjoint):
+@pytest.mark.parametrize("solver", [RK4, Tsit5])
+def test_gradcheck_joint(adjoint, solver):
     torch.manual_seed(0)
     w = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
     y0 = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
@@ -100,7 +101,7 @@ def test_gradcheck_joint(adjoint):
     def fn(y0, w_, a, t0, t1):
         adj = nde.CheckpointAdjoint(params=[w_]) if adjoint == "checkpoint" else nde.BacksolveAdjoint(params=[w_])
         g = (lambda t, y, aa: torch.tanh(y @ w_) + aa * torch.cos(t))
-        sol = nde.solve(g, RK4(), t0, t1, y0, dt0=0.04, args=a, adjoint=adj,
+        sol = nde.solve(g, solver(), t0, t1, y0, dt0=0.04, args=a, adjoint=adj,
                         saveat=nde.SaveAt(ts=[0.3, 0.5], t1=True))
         return sol.ys
 
