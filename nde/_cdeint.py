@@ -79,6 +79,7 @@ class _ForeignControl(AbstractPath):
 
 def _solver(method, backend):
     import nde.solvers as solvers
+    import nde.solvers.rk  # noqa: F401
 
     key = method
     if method is None:
@@ -86,7 +87,8 @@ def _solver(method, backend):
     if key not in _METHODS:
         raise ValueError(f"method must be one of {sorted(_METHODS)}; got {method!r}.")
     kind, name = _METHODS[key]
-    cls = getattr(solvers, name, None)
+    # the Runge--Kutta methods by their module: nde.solvers.Heun / Midpoint name the SDE solvers
+    cls = getattr(solvers.rk, name, None) or getattr(solvers, name, None)
     if cls is None:
         raise ValueError(f"method={method!r} needs nde.solvers.{name}, which this installation does not provide.")
     return kind, cls()

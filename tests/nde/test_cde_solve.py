@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import nde
-from nde.solvers import RK4, RK38, Bosh3, Dopri5, Euler, Heun, Midpoint, Tsit5
+from nde.solvers.rk import RK4, RK38, Bosh3, Dopri5, Euler, Heun, Midpoint, Tsit5
 
 torchcde = pytest.importorskip("torchcde")
 
