@@ -181,3 +181,33 @@ def test_float32_solve_and_clear_errors():
         nde.solve(nde.ControlTerm(Field(hidden=3, channels=5), path), Tsit5(), t[0], t[-1], torch.zeros(4, 3))
     with pytest.raises(TypeError, match="control"):
         nde.ControlTerm(f, torchcde.CubicSpline(torchcde.natural_cubic_coeffs(x, t), t))
+
+
+@pytest.mark.parametrize("which", ["checkpoint", "backsolve", "reversible"])
+def test_every_adjoint_matches_direct_backpropagation_on_a_cde(which):
+    from nde.solvers import ReversibleHeun
+
+    x, t = _series(batch=3, length=8)
+    x = x.clone().requires_grad_(True)
+    f = Field().to(D)
+    z0 = torch.randn(3, 3, dtype=D, requires_grad=True)
+    # ReversibleAdjoint differentiates the initial state and parameters only (not the control's data)
+    inputs = [z0, *f.parameters()] if which == "reversible" else [z0, x, *f.parameters()]
+
+    def grads(adjoint):
+        path = nde.CubicSpline(nde.hermite_cubic_coefficients_with_backward_differences(x, t), t)
+        term = nde.ControlTerm(f, path)
+        if which == "reversible":
+            sol = nde.solve(term, ReversibleHeun(), t[0], t[-1], z0, dt0=float(t[-1] - t[0]) / 40, adjoint=adjoint)
+        elif which == "backsolve":
+            sol = nde.solve(term, Tsit5(), t[0], t[-1], z0, adjoint=adjoint,
+                            controller=nde.PIDController(rtol=1e-9, atol=1e-9))
+        else:
+            sol = nde.solve(term, RK4(), t[0], t[-1], z0, dt0=float(t[-1] - t[0]) / 40, adjoint=adjoint)
+        return torch.autograd.grad(sol.ys[-1].pow(2).sum(), inputs)
+
+    adjoint = {"checkpoint": lambda: nde.CheckpointAdjoint(), "backsolve": lambda: nde.BacksolveAdjoint(),
+               "reversible": lambda: nde.ReversibleAdjoint()}[which]()
+    tol = 1e-5 if which == "backsolve" else 1e-9
+    for a, b in zip(grads(adjoint), grads(nde.DirectAdjoint())):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
