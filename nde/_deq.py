@@ -75,7 +75,8 @@ def _as_args(args):
 class _ImplicitHook:
     """Tensor hook replacing the cotangent ``v`` of ``f(z*)`` by ``(I - J^T)^{-1} v``."""
 
-    def __init__(self, out, z_leaf, solver, batch_dims):
+    def __init__(self, out, z_leaf, solver, batch_dims, forward_result):
+        self.forward_result = forward_result
         self.out = out
         self.z_leaf = z_leaf
         self.solver = solver
@@ -94,6 +95,7 @@ class _ImplicitHook:
         self.busy = True
         try:
             self.last_result = implicit_vjp(self.vjp, grad, self.solver, self.batch_dims)
+            self.forward_result.backward = self.last_result
         finally:
             self.busy = False
         return self.last_result.value
@@ -151,7 +153,8 @@ def deq_fixed_point(
         The equilibrium (for ``"implicit"``/``"jfb"``, ``f(z*)``; for ``"phantom"`` the last
         unrolled step), carrying gradients.
     result : FixedPointResult
-        Only if ``return_result``.
+        Only if ``return_result``. With ``backward="implicit"``, ``result.backward`` holds the
+        adjoint solve's result once the backward pass has run.
 
     Bai, Kolter & Koltun, "Deep equilibrium models", NeurIPS 2019; Geng et al., "On training
     implicit models", NeurIPS 2021; Fung et al., "JFB: Jacobian-free backpropagation for implicit
@@ -181,7 +184,7 @@ def deq_fixed_point(
         z_leaf = z_star.detach().requires_grad_(True)
         out = f(z_leaf, *args)
         if out.requires_grad:
-            hook = _ImplicitHook(out, z_leaf, bsolver, batch_dims)
+            hook = _ImplicitHook(out, z_leaf, bsolver, batch_dims, result)
             out.register_hook(hook)
     elif backward == "jfb":
         out = f(z_star.detach(), *args)

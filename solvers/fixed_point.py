@@ -81,6 +81,9 @@ class FixedPointResult:
     nfe:
         Evaluations of ``f`` (Jacobian-vector products of Newton--Krylov included), or of the
         linear operator for linear solves.
+    backward:
+        For the forward result of :func:`nde.deq_fixed_point` with ``backward="implicit"``: the
+        result of the adjoint linear solve, filled in when the backward pass runs (else None).
     """
 
     value: torch.Tensor
@@ -90,6 +93,7 @@ class FixedPointResult:
     residual_history: torch.Tensor
     num_steps: int
     nfe: int
+    backward: "FixedPointResult | None" = None
 
     @property
     def all_converged(self) -> bool:

@@ -119,6 +119,8 @@ def train(model, deq, epochs, jacobian_weight=0.0, log=None, seed=0):
                 log["iterations"].append(info.result.iterations.float().mean().item())
                 log["max_iterations"].append(info.result.iterations.max().item())
                 log["residual"].append(info.result.residual.max().item())
+                if info.result.backward is not None:  # the adjoint solve of the implicit backward pass
+                    log["backward_iterations"].append(info.result.backward.iterations.float().mean().item())
         if log is not None and (epoch + 1) % 5 == 0:
             print(f"epoch {epoch + 1:3d}  loss {loss.item():.3f}  test accuracy {accuracy(model, X_test, y_test):.4f}  "
                   f"mean forward iterations {sum(log['iterations'][-batches:]) / batches:.1f}")
@@ -130,7 +132,7 @@ def train(model, deq, epochs, jacobian_weight=0.0, log=None, seed=0):
 
 # %%
 model, deq = make_model()
-log = {"iterations": [], "max_iterations": [], "residual": []}
+log = {"iterations": [], "max_iterations": [], "residual": [], "backward_iterations": []}
 t0 = time.perf_counter()
 train(model, deq, epochs=30, log=log)
 train_time = time.perf_counter() - t0
@@ -138,7 +140,8 @@ test_acc = accuracy(model, X_test, y_test)
 print(f"training time {train_time:.1f} s, test accuracy {test_acc:.4f}")
 
 # %% [markdown]
-# The solver's work during training: mean and worst per-sample iteration counts per batch, and
+# The solver's work during training: mean and worst per-sample iteration counts per batch (and
+# the mean iteration count of the adjoint solve in the backward pass), and
 # the largest final residual $\|f(z) - z\|$ of each batch (the tolerance is
 # $10^{-5} + 10^{-4}\|f(z)\|$).
 
@@ -146,8 +149,9 @@ print(f"training time {train_time:.1f} s, test accuracy {test_acc:.4f}")
 fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
 ax[0].plot(log["iterations"], label="mean over the batch")
 ax[0].plot(log["max_iterations"], alpha=0.6, label="slowest sample")
+ax[0].plot(log["backward_iterations"], alpha=0.8, label="backward (adjoint) solve, mean")
 ax[0].set_xlabel("training step")
-ax[0].set_ylabel("forward iterations")
+ax[0].set_ylabel("solver iterations")
 ax[0].legend()
 ax[1].semilogy(log["residual"])
 ax[1].set_xlabel("training step")

@@ -205,3 +205,13 @@ def test_errors():
         deq_fixed_point(f, torch.zeros(2), solver="bisection")
     with pytest.raises(ValueError, match="num_samples"):
         jacobian_regularisation(f, torch.zeros(2, 2), num_samples=0)
+
+
+def test_backward_solve_statistics_are_recorded():
+    f, W, U = make_cell()
+    x = torch.randn(4, 3, dtype=F64, requires_grad=True)
+    z, res = deq_fixed_point(f, torch.zeros(4, 6, dtype=F64), (x,), solver=Anderson(**TIGHT), return_result=True)
+    assert res.backward is None
+    z.sum().backward()
+    assert res.backward is not None and res.backward.all_converged
+    assert res.backward.residual.max() <= 1e-13 and res.backward.iterations.min() >= 2
