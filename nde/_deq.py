@@ -92,6 +92,12 @@ class _ImplicitHook:
     def __call__(self, grad):
         if self.busy or grad is None:
             return grad
+        if torch.is_grad_enabled():
+            # create_graph=True: the adjoint solve would drop how J depends on z*(theta)
+            raise RuntimeError(
+                "deq_fixed_point(backward='implicit') does not support higher-order gradients "
+                "(backward with create_graph=True); use backward='unrolled' or 'phantom' for those."
+            )
         self.busy = True
         try:
             self.last_result = implicit_vjp(self.vjp, grad, self.solver, self.batch_dims)
@@ -119,7 +125,8 @@ def deq_fixed_point(
     and every parameter ``f`` closes over come from ``backward``:
 
     * ``"implicit"`` (default): implicit function theorem, ``dz*/dθ = (I - J)^{-1} ∂f/∂θ``;
-      the adjoint system ``(I - J)^T g = v`` is solved by ``backward_solver``.
+      the adjoint system ``(I - J)^T g = v`` is solved by ``backward_solver``. First-order
+      only: a backward pass with ``create_graph=True`` raises.
     * ``"phantom"``: ``phantom_steps`` unrolled steps ``z <- (1-λ) z + λ f(z)`` from ``z*``.
     * ``"jfb"``: one step ``f(z*)``, Jacobian-free.
     * ``"unrolled"``: differentiate through the solver's iterations.

@@ -215,3 +215,15 @@ def test_backward_solve_statistics_are_recorded():
     z.sum().backward()
     assert res.backward is not None and res.backward.all_converged
     assert res.backward.residual.max() <= 1e-13 and res.backward.iterations.min() >= 2
+
+
+def test_higher_order_gradients_through_implicit_backward_raise():
+    f, W, U = make_cell()
+    x = torch.randn(2, 3, dtype=F64, requires_grad=True)
+    z = deq_fixed_point(f, torch.zeros(2, 6, dtype=F64), (x,), solver=Anderson(**TIGHT))
+    with pytest.raises(RuntimeError, match="higher-order"):
+        torch.autograd.grad(z.sum(), x, create_graph=True)
+    # phantom steps are ordinary operations: second derivatives work
+    z = deq_fixed_point(f, torch.zeros(2, 6, dtype=F64), (x,), solver=Anderson(**TIGHT), backward="phantom")
+    (g,) = torch.autograd.grad(z.sum(), x, create_graph=True)
+    assert g.requires_grad
