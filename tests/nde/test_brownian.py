@@ -9,6 +9,15 @@ import nde
 from nde._brownian import BrownianInterval
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # small tensors: one thread avoids oversubscription when the suite runs in parallel
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _bm(**kw):
     base = dict(t0=0.0, t1=1.0, shape=(4000,), seed=11, dtype=torch.float64)
     base.update(kw)

@@ -8,6 +8,15 @@ import torchsde
 
 import nde
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # small tensors: one thread avoids oversubscription when the suite runs in parallel
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 DT = torch.float64
 B, D = 16, 3
 

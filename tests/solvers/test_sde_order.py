@@ -10,6 +10,15 @@ import nde
 from nde import BrownianInterval, ControlTerm, MultiTerm, ODETerm
 from nde.solvers import sde as S
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # small tensors: one thread avoids oversubscription when the suite runs in parallel
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 DT = torch.float64
 MU, SIG = 1.0, 0.5
 
