@@ -145,7 +145,7 @@ class NeuralCDE(nn.Module):
 
     # ---- solve ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor | None = None, t: torch.Tensor | None = None, *, coeffs: torch.Tensor | None = None,
-                ts: torch.Tensor | None = None) -> torch.Tensor:
+                ts: torch.Tensor | None = None, t_end: torch.Tensor | None = None) -> torch.Tensor:
         """Run the model on raw observations ``x`` (NaN = missing) or on precomputed ``coeffs``.
 
         Parameters
@@ -158,6 +158,10 @@ class NeuralCDE(nn.Module):
             Output of :meth:`coeffs` (precomputed once per dataset).
         ts:
             Times at which to read out (sequence-to-sequence); default: the end of the series only.
+        t_end:
+            For series of unequal length (NaN-padded at the end): every series' last observation time,
+            shape ``(batch,)`` (see :func:`nde.last_observation_times`). The CDE is then solved in
+            independent batch mode, every series up to its own end, and read out there.
 
         Returns
         -------
@@ -180,8 +184,14 @@ class NeuralCDE(nn.Module):
         if controller is None:
             controller = nde.ConstantStepSize() if self.dt0 is not None else nde.PIDController(self.rtol, self.atol)
         saveat = nde.SaveAt(t1=True) if ts is None else nde.SaveAt(ts=ts)
-        sol = nde.solve(term, solver, X.t0, X.t1, z0, dt0=self.dt0, saveat=saveat, controller=controller,
-                        adjoint=self.adjoint, batch_mode=self.batch_mode)
+        t1, batch_mode = X.t1, self.batch_mode
+        if t_end is not None:
+            if ts is not None:
+                raise ValueError("Pass either ts (read out along the way) or t_end (read out at every series' end).")
+            t1 = torch.as_tensor(t_end, dtype=torch.float64).reshape(z0.shape[:-1])
+            batch_mode = "independent"
+        sol = nde.solve(term, solver, X.t0, t1, z0, dt0=self.dt0, saveat=saveat, controller=controller,
+                        adjoint=self.adjoint, batch_mode=batch_mode)
         self.stats = sol.stats
         if ts is None:
             return self.readout(sol.ys[-1])

@@ -64,6 +64,21 @@ def test_sequence_to_sequence_and_raw_input():
         assert m(x, t).shape == (6, 3)
 
 
+def test_unequal_lengths_read_out_at_every_series_end():
+    x, t, _ = spirals(3, length=12, missing=0.0)
+    lengths = [12, 8, 5]
+    for i, n in enumerate(lengths):
+        x[i, n:] = float("nan")
+    model = NeuralCDE(2, 4, 2, width=16, dt0=0.5).double()
+    x, t = x.double(), t.double()
+    out = model(x, t, t_end=nde.last_observation_times(x, t))
+    steps = model.stats["num_steps"]
+    for i, n in enumerate(lengths):
+        alone = model(x[i:i + 1, :n], t[:n])
+        torch.testing.assert_close(out[i:i + 1], alone, rtol=1e-10, atol=1e-10)
+    assert steps[0] > steps[1] > steps[2]
+
+
 def test_neural_cde_errors():
     with pytest.raises(ValueError, match="interpolation"):
         NeuralCDE(2, 4, 1, interpolation="quintic")
