@@ -17,6 +17,7 @@ def _one_thread():
     yield
     torch.set_num_threads(n)
 
+
 DT = torch.float64
 B, D = 16, 3
 
@@ -191,3 +192,21 @@ def test_any_state_shape_and_checkpointed_adjoint():
     g1 = torch.autograd.grad(nde.sdeint(sde, y0, ts, bm=bm, method="euler", dt=0.05)[-1].sum(), sde.w)[0]
     g2 = torch.autograd.grad(nde.sdeint_adjoint(sde, y0, ts, bm=bm, method="euler", dt=0.05)[-1].sum(), sde.w)[0]
     torch.testing.assert_close(g1, g2, rtol=1e-9, atol=1e-12)
+
+
+def test_log_ode_and_brownian_tree():
+    # for diagonal noise the log-ODE midpoint method has no Lévy-area terms: it is the midpoint method
+    sde = SDE("diagonal", "stratonovich")
+    y0 = torch.randn(B, D, dtype=DT)
+    ts = torch.linspace(0, 1, 3, dtype=DT)
+    bm = torchsde.BrownianInterval(0.0, 1.0, (B, D), dtype=DT, levy_area_approximation="foster", entropy=5)
+    tree = torchsde.BrownianTree(0.0, torch.zeros(B, D, dtype=DT), t1=1.0, entropy=5, tol=1e-8)
+    with torch.no_grad():
+        ref = torchsde.sdeint(sde, y0, ts, bm=bm, method="log_ode", dt=2**-4)
+        out = nde.sdeint(sde, y0, ts, bm=bm, method="log_ode", dt=2**-4)
+        torch.testing.assert_close(out, ref, rtol=1e-8, atol=1e-8)
+        ref = torchsde.sdeint(sde, y0, ts, bm=tree, method="heun", dt=2**-4)
+        out = nde.sdeint(sde, y0, ts, bm=tree, method="heun", dt=2**-4)
+        torch.testing.assert_close(out, ref, rtol=1e-8, atol=1e-8)
+    with pytest.raises(ValueError, match="adjoint_method"):
+        nde.sdeint(sde, y0, ts, method="adjoint_reversible_heun")
