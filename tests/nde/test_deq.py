@@ -227,3 +227,61 @@ def test_higher_order_gradients_through_implicit_backward_raise():
     z = deq_fixed_point(f, torch.zeros(2, 6, dtype=F64), (x,), solver=Anderson(**TIGHT), backward="phantom")
     (g,) = torch.autograd.grad(z.sum(), x, create_graph=True)
     assert g.requires_grad
+
+
+_RSS_SCRIPT = r"""
+import sys, warnings
+import torch
+warnings.simplefilter("ignore")
+torch.set_num_threads(1)
+from nde import deq_fixed_point
+from nde.solvers import Anderson, FixedPointIteration
+steps, backward = int(sys.argv[1]), sys.argv[2]
+torch.manual_seed(0)
+n, d = 64, 2048
+lin = torch.nn.Linear(d, d)
+with torch.no_grad():
+    lin.weight.mul_(0.999 / torch.linalg.matrix_norm(lin.weight, ord=2))
+x = torch.randn(n, d, requires_grad=True)
+f = lambda z, x: torch.tanh(lin(z) + x)
+
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1])
+
+def run(k):
+    solver = FixedPointIteration(rtol=0, atol=1e-30, max_steps=k, throw=False)
+    z = deq_fixed_point(f, torch.zeros(n, d), (x,), solver=solver, backward=backward,
+                        backward_solver=Anderson(rtol=1e-6, atol=0, max_steps=20, throw=False))
+    z.sum().backward()
+
+run(3)  # warm up kernels and the allocator
+with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")  # reset the peak-RSS counter
+base = status("VmRSS")
+run(steps)
+print((status("VmHWM") - base) / 1024)
+"""
+
+
+@pytest.mark.slow
+def test_backward_peak_rss_independent_of_forward_iterations(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("peak-RSS reset (/proc/self/clear_refs) unavailable")
+    script = tmp_path / "rss.py"
+    script.write_text(_RSS_SCRIPT)
+
+    def peak_mib(steps, backward):
+        out = subprocess.run([sys.executable, str(script), str(steps), backward], capture_output=True, text=True,
+                             check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        return float(out.stdout.strip().splitlines()[-1])
+
+    implicit = {k: peak_mib(k, "implicit") for k in (10, 100)}
+    unrolled = {k: peak_mib(k, "unrolled") for k in (10, 100)}
+    assert implicit[100] <= 1.1 * implicit[10], implicit
+    assert unrolled[100] > 3 * unrolled[10], unrolled  # the measurement sees iteration-proportional memory
