@@ -272,7 +272,7 @@ def _build(sde, y0, ts, bm, method, dt, adaptive, rtol, atol, dt_min, options, n
     noise = sde.noise_type
     if logqp:
         drift = ODETerm(_LogqpDrift(sde, f, g))
-        diffusion = ControlTerm(_LogqpDiffusion(g, noise), path, noise=noise)
+        diffusion = ControlTerm(_LogqpDiffusion(g, noise), path, noise=noise, sde_type=sde.sde_type)
         y0 = torch.cat([y0, y0.new_zeros(y0.shape[:-1] + (1,))], -1)
     else:
         drift = ODETerm(_vf(f))
@@ -281,7 +281,7 @@ def _build(sde, y0, ts, bm, method, dt, adaptive, rtol, atol, dt_min, options, n
             gp = sde.g_prod
             gprod = lambda t, y, args, v: gp(t, y, v)  # noqa: E731
         vf = _vf(g) if g is not None else _missing_g
-        diffusion = ControlTerm(vf, path, noise=noise, vf_prod=gprod)
+        diffusion = ControlTerm(vf, path, noise=noise, vf_prod=gprod, sde_type=sde.sde_type)
     terms = MultiTerm(drift, diffusion)
     if adaptive:
         from nde.solvers import StepDoubling

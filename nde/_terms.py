@@ -152,11 +152,19 @@ class ControlTerm(AbstractTerm):
     vf_prod:
         Optional ``vf_prod(t, y, args, dX)`` computing the product directly, without
         materialising the ``(d, m)`` matrix.
+    sde_type:
+        Optional interpretation of a Brownian ``dX``: ``"ito"`` or ``"stratonovich"``. When given, SDE
+        solvers of the other interpretation refuse the term.
     """
 
-    def __init__(self, vector_field: Callable, control: AbstractPath, noise: str = "general", vf_prod: Callable | None = None):
+    def __init__(self, vector_field: Callable, control: AbstractPath, noise: str = "general", vf_prod: Callable | None = None,
+                 sde_type: str | None = None):
         if noise not in _NOISE_TYPES:
             raise ValueError(f"noise must be one of {_NOISE_TYPES}; got {noise!r}.")
+        if sde_type not in (None, "ito", "stratonovich"):
+            raise ValueError(f"sde_type must be None, 'ito' or 'stratonovich'; got {sde_type!r}.")
+        #: the interpretation of ``g dW`` (None: not declared); SDE solvers check that they match it
+        self.sde_type = sde_type
         if not isinstance(control, AbstractPath):
             raise TypeError(
                 f"control must be an nde path (an interpolation or a Brownian motion); got {type(control).__name__}."

@@ -134,7 +134,23 @@ class AbstractSDESolver(AbstractSolver):
         return self.strong_orders.get(noise)
 
     def init(self, terms, t0, t1, y0, args):
+        _check_interpretation(self, terms)
         return None, 0
+
+
+def _check_interpretation(solver, terms):
+    """Refuse a diffusion term declared with the other interpretation (additive noise has only one)."""
+    for part in _parts(terms):
+        base = _base(part)
+        declared = getattr(base, "sde_type", None)
+        if declared is None or _is_dt(part) or getattr(base, "noise", None) == "additive":
+            continue
+        if declared != solver.sde_type:
+            raise ValueError(
+                f"The diffusion term is declared {declared!r} but {type(solver).__name__} converges to the "
+                f"{solver.sde_type!r} solution; use a {declared} solver "
+                f"({'EulerMaruyama, Milstein, SRID2' if declared == 'ito' else 'Heun, Midpoint, EulerHeun, ReversibleHeun, Milstein(sde_type=stratonovich)'})."
+            )
 
 
 # ---- methods built from term products: work for any terms --------------------------------------
@@ -180,6 +196,7 @@ class _StratonovichHeunMixin:
     def init(self, terms, t0, t1, y0, args):
         if terms.is_ode:
             return super().init(terms, t0, t1, y0, args)
+        _check_interpretation(self, terms)
         return None, 0
 
     def step(self, terms, t0, t1, y0, args, solver_state):
@@ -511,6 +528,10 @@ class StepDoubling(AbstractSolver):
 
     def __repr__(self):
         return f"StepDoubling({self.solver!r})"
+
+    def init(self, terms, t0, t1, y0, args):
+        self.solver.init(terms, t0, t1, y0, args)
+        return None, 0
 
     def step(self, terms, t0, t1, y0, args, solver_state):
         s = self.solver

@@ -19,6 +19,7 @@ def _one_thread():
     yield
     torch.set_num_threads(n)
 
+
 DT = torch.float64
 MU, SIG = 1.0, 0.5
 
@@ -161,6 +162,15 @@ def test_wrong_noise_structures_are_reported():
         _final(add, S.ShARK(), torch.ones(4, 2, dtype=DT), 0.1)
     with pytest.raises(ValueError, match="sde_type"):
         S.Milstein("backward")
+    bm = BrownianInterval(0.0, 1.0, (4, 2), seed=0, dtype=DT)
+    ito_term = MultiTerm(ODETerm(lambda t, y: -y), ControlTerm(lambda t, y: y, bm, noise="diagonal", sde_type="ito"))
+    y4 = torch.ones(4, 2, dtype=DT)
+    for strat in (S.Heun(), S.Midpoint(), S.EulerHeun(), S.Milstein("stratonovich"), S.StepDoubling(S.Heun())):
+        with pytest.raises(ValueError, match="declared 'ito'"):
+            _final(ito_term, strat, y4, 0.1)
+    _final(ito_term, S.EulerMaruyama(), y4, 0.1)  # matching interpretation is fine
+    with pytest.raises(ValueError, match="sde_type"):
+        ControlTerm(lambda t, y: y, bm, sde_type="backward")
     with pytest.raises(ValueError, match="one diffusion term"):
         _final(MultiTerm(ODETerm(lambda t, y: -y)), S.Milstein(), gy0, 0.1)
 
