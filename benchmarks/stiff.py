@@ -23,6 +23,7 @@ from nde.solvers import TRBDF2, Kvaerno3, Kvaerno5, RadauIIA5, Tsit5
 torch.set_num_threads(1)
 RTOL, ATOL = 1e-6, 1e-8
 TSIT5_MAX_STEPS = 100_000
+REPEATS = 3
 
 
 def robertson(t, y, args=None):
@@ -57,9 +58,11 @@ def run_nde(f, y0, t1, solver):
     max_steps = TSIT5_MAX_STEPS if isinstance(solver, Tsit5) else 16384
     with torch.no_grad():
         nde.solve(f, solver, 0.0, min(t1, 1.0), y, controller=ctrl)  # warm-up
-        start = time.perf_counter()
-        sol = nde.solve(f, solver, 0.0, t1, y, controller=ctrl, max_steps=max_steps, throw=False)
-        wall = time.perf_counter() - start
+        wall = float("inf")
+        for _ in range(1 if isinstance(solver, Tsit5) else REPEATS):  # best of REPEATS: the machine may be shared
+            start = time.perf_counter()
+            sol = nde.solve(f, solver, 0.0, t1, y, controller=ctrl, max_steps=max_steps, throw=False)
+            wall = min(wall, time.perf_counter() - start)
     done = bool(sol.result == 0)
     return sol.stats["num_steps"], sol.stats["nfe"], wall, sol.ys[-1].numpy(), done
 
@@ -70,7 +73,12 @@ def run_scipy(f, y0, t1):
 
     start = time.perf_counter()
     r = solve_ivp(rhs, (0.0, t1), y0, method="Radau", rtol=RTOL, atol=ATOL)
-    return len(r.t) - 1, r.nfev, time.perf_counter() - start, r.y[:, -1], r.success
+    wall = time.perf_counter() - start
+    for _ in range(REPEATS - 1):
+        start = time.perf_counter()
+        solve_ivp(rhs, (0.0, t1), y0, method="Radau", rtol=RTOL, atol=ATOL)
+        wall = min(wall, time.perf_counter() - start)
+    return len(r.t) - 1, r.nfev, wall, r.y[:, -1], r.success
 
 
 B = 64
@@ -99,10 +107,12 @@ def batch_rows():
     ]:
         with torch.no_grad():
             nde.solve(robertson_batch, solver, 0.0, 0.01, y0, args=RATES, controller=ctrl, batch_mode=mode)
-            start = time.perf_counter()
-            sol = nde.solve(robertson_batch, solver, 0.0, 10.0, y0, args=RATES, controller=ctrl, batch_mode=mode,
-                            max_steps=100_000)
-            wall = time.perf_counter() - start
+            wall = float("inf")
+            for _ in range(1 if isinstance(solver, Tsit5) else REPEATS):
+                start = time.perf_counter()
+                sol = nde.solve(robertson_batch, solver, 0.0, 10.0, y0, args=RATES, controller=ctrl,
+                                batch_mode=mode, max_steps=100_000)
+                wall = min(wall, time.perf_counter() - start)
         steps = sol.stats["num_steps"]
         steps = f"{int(steps.max())} max" if isinstance(steps, torch.Tensor) else str(steps)
         rows.append((label, steps, wall))
@@ -120,7 +130,8 @@ def main():
             steps, nfe, wall, y1, done = fn()
             err = float(np.max(np.abs(y1 - ref) / (np.abs(ref) + 1e-6)))
             rows.append((name, label, steps, nfe, wall, err, done))
-    print(f"rtol={RTOL}, atol={ATOL}; error = max relative error at t1 against scipy Radau(rtol=1e-11)")
+    print(f"rtol={RTOL}, atol={ATOL}; error = max relative error at t1 against scipy Radau(rtol=1e-11); "
+          f"time = best of {REPEATS} (Tsit5: one run)")
     print(f"{'problem':36s} {'solver':26s} {'steps':>8s} {'nfe':>9s} {'time [s]':>9s} {'rel. error':>11s}")
     for name, label, steps, nfe, wall, err, done in rows:
         note = "" if done else f"  (stopped at max_steps={TSIT5_MAX_STEPS})"

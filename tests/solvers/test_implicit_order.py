@@ -31,6 +31,11 @@ def f_logistic(t, y, args):
     return K * y * (1 - y)
 
 
+def f_nonautonomous(t, y, args):
+    # y' = cos(t) y, y(t) = y0 exp(sin t): checks the stage times c
+    return torch.cos(t) * y
+
+
 def exact_linear(t):
     return torch.linalg.matrix_exp(A * t) @ Y0
 
@@ -68,7 +73,10 @@ def _order(ns, errs):
 
 @pytest.mark.parametrize("cls,order,ns", CASES, ids=IDS)
 def test_convergence_order(cls, order, ns):
-    for f, y0, exact in ((f_linear, Y0, exact_linear(T1)), (f_logistic, C, exact_logistic(T1))):
+    # linear, nonlinear and non-autonomous problems with exact solutions
+    problems = ((f_linear, Y0, exact_linear(T1)), (f_logistic, C, exact_logistic(T1)),
+                (f_nonautonomous, C, C * math.exp(math.sin(T1))))
+    for f, y0, exact in problems:
         errs = []
         for n in ns:
             sol = _solve_fixed(cls, f, y0, n)
@@ -299,3 +307,16 @@ def test_jacobian_reuse_on_linear_problem_and_validation(monkeypatch):
     assert n_reused == 1 and calls["n"] == fresh.stats["num_steps"], (n_reused, calls["n"])
     with pytest.raises(ValueError, match="jacobian_reuse_rate"):
         Kvaerno5(jacobian_reuse_rate=1.5)
+
+
+@pytest.mark.parametrize("cls,kw", [(Kvaerno5, {}), (RadauIIA5, {}), (GaussLegendre6, {"dt0": -0.1})],
+                         ids=["Kvaerno5", "RadauIIA5", "GaussLegendre6"])
+def test_backwards_in_time(cls, kw):
+    # from t = 2 back to t = 0 on y' = cos(t) y: y(0) = y(2) exp(-sin 2)
+    y2 = C * math.exp(math.sin(T1))
+    ts = torch.tensor([T1, 1.0, 0.0], dtype=torch.float64)
+    ctrl = None if kw else nde.PIDController(rtol=1e-9, atol=1e-11)
+    with torch.no_grad():
+        sol = nde.solve(f_nonautonomous, cls(), T1, 0.0, y2, saveat=nde.SaveAt(ts=ts), controller=ctrl, **kw)
+    expected = torch.stack([C * math.exp(math.sin(float(t))) for t in ts])
+    torch.testing.assert_close(sol.ys, expected, rtol=0, atol=1e-7)
