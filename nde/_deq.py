@@ -26,7 +26,6 @@ import torch
 
 from .solvers.fixed_point import (
     AbstractFixedPointSolver,
-    Anderson,
     FixedPointResult,
     get_fixed_point_solver,
 )

@@ -353,8 +353,8 @@ class Anderson(AbstractFixedPointSolver):
 
     and sets ``z <- sum_i alpha_i ((1 - damping) x_i + damping f(x_i))``. The regulariser is
     relative (``lam + 10 eps`` times the largest diagonal entry of the Gram matrix, ``eps`` the
-    machine epsilon of the dtype), so the method is invariant to the scale of ``z``. If the small system is singular or its solution is not
-    finite, that sample takes a plain damped step instead.
+    machine epsilon of the dtype), so the method is invariant to the scale of ``z``. If the small
+    system is singular or its solution is not finite, that sample takes a plain damped step.
 
     Walker & Ni, "Anderson acceleration for fixed-point iterations", SIAM J. Numer. Anal. 2011.
 
