@@ -418,7 +418,7 @@ def _adaptive_setup(P, ours):
         P.controller = PIDController(rtol=P.rtol, **kw)
     first = ours.get("first_step")
     P.dt0 = None if first is None else first * P.sign
-    P.max_steps = ours.get("max_num_steps")
+    P.max_steps = ours.get("max_num_steps", None if P.event is None else "auto")
     P.saveat = SaveAt(ts=P.t.detach()) if P.event is None else SaveAt(t1=True)
     P.linear = False
 
@@ -523,7 +523,7 @@ def _run(P, adjoint):
 
 def _run_event(P, y0, adjoint):
     kw = dict(dt0=P.dt0, saveat=P.saveat, controller=P.controller, max_steps=P.max_steps)
-    if adjoint is None:
+    if adjoint is None or not torch.is_grad_enabled():
         sol = solve(P.field, P.solver, P.t0, P.t1, y0, event=P.event, **kw)
         _check_event(sol, P)
         t_ev, y_ev = sol.event_t, sol.ys[-1]
