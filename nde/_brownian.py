@@ -118,11 +118,11 @@ class BrownianInterval(AbstractPath):
     depth:
         Bridge levels below a cell (time resolution ``dt / 2**depth``).
     cache_size:
-        Number of bridge nodes and point values kept (LRU).
+        Number of bridge nodes and point values kept (LRU); None keeps 256, or more for small shapes.
     """
 
     def __init__(self, t0, t1, shape, seed=None, levy_area="none", dtype=torch.float32, device=None, dt=None,
-                 depth=12, cache_size=256, chunk_elements=1 << 21):
+                 depth=12, cache_size=None, chunk_elements=1 << 21):
         t0, t1 = float(t0), float(t1)
         if not (math.isfinite(t0) and math.isfinite(t1)) or not t0 < t1:
             raise ValueError(f"BrownianInterval needs finite t0 < t1; got t0={t0}, t1={t1}.")
@@ -167,9 +167,17 @@ class BrownianInterval(AbstractPath):
         numel = max(1, math.prod(shape))
         self._chunk = max(1, min(n, chunk_elements // numel))
         self._gen = torch.Generator(device=self.device)
-        self._nodes = _LRU(cache_size)
-        self._points = _LRU(cache_size)
-        self._chunks = _LRU(max(2, cache_size // 16))
+        # small Brownian motions can afford many cached nodes (independent-mode solves query one
+        # bridge path per sample): by default at least 256 nodes, or as many as fit in 2**22 numbers
+        if cache_size is None:
+            nodes = max(256, (1 << 22) // (numel * (2 if self._levy else 1)))
+        elif isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 1:
+            raise ValueError(f"cache_size must be a positive integer or None; got {cache_size!r}.")
+        else:
+            nodes = cache_size
+        self._nodes = _LRU(nodes)
+        self._points = _LRU(nodes)
+        self._chunks = _LRU(2 if nodes < 64 else 4)
         self._chunk_start = [(torch.zeros(shape, dtype=torch.float64, device=self.device),
                               torch.zeros(shape, dtype=torch.float64, device=self.device) if self._levy else None)]
         self._grid_tol = 1e-9 * dt
