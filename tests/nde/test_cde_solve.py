@@ -211,3 +211,21 @@ def test_every_adjoint_matches_direct_backpropagation_on_a_cde(which):
     tol = 1e-5 if which == "backsolve" else 1e-9
     for a, b in zip(grads(adjoint), grads(nde.DirectAdjoint())):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("name,tol", [("Dopri8", 1e-6), pytest.param("Kvaerno5", 1e-4, marks=pytest.mark.slow), ("AdaptiveAdams", 1e-6)])
+def test_other_adaptive_solvers_solve_cdes(name, tol):
+    import nde.solvers as solvers
+
+    cls = getattr(solvers, name, None)
+    if cls is None:
+        pytest.skip(f"nde.solvers.{name} is not available")
+    x, t = _series(batch=3, length=8)
+    path = nde.CubicSpline(nde.natural_cubic_coeffs(x, t), t, smooth=True)
+    f = Field().to(D)
+    z0 = torch.zeros(3, 3, dtype=D)
+    ref = nde.solve(nde.ControlTerm(f, path), Tsit5(), t[0], t[-1], z0,
+                    controller=nde.PIDController(rtol=1e-11, atol=1e-11)).ys[-1]
+    sol = nde.solve(nde.ControlTerm(f, path), cls(), t[0], t[-1], z0, dt0=0.01,
+                    controller=nde.PIDController(rtol=1e-8, atol=1e-8))
+    torch.testing.assert_close(sol.ys[-1], ref, rtol=tol, atol=tol)
