@@ -103,6 +103,12 @@ def jacobian(fn, y, layout):
             # vector fields that torch.func cannot transform (in-place updates of captured state, ...)
             xg = x.clone().requires_grad_(True)
             out = g(xg)
+            if not out.requires_grad:
+                raise RuntimeError(
+                    "An implicit solver needs the Jacobian df/dy of the vector field, but its output does not depend "
+                    "differentiably on y (it is computed without autograd or detached). Make the vector field "
+                    "differentiable in y, or use an explicit solver such as Tsit5()."
+                ) from None
             rows = torch.stack(
                 [torch.autograd.grad(out, xg, e, retain_graph=True, allow_unused=True)[0] for e in eye.unbind(0)]
             )

@@ -320,3 +320,15 @@ def test_backwards_in_time(cls, kw):
         sol = nde.solve(f_nonautonomous, cls(), T1, 0.0, y2, saveat=nde.SaveAt(ts=ts), controller=ctrl, **kw)
     expected = torch.stack([C * math.exp(math.sin(float(t))) for t in ts])
     torch.testing.assert_close(sol.ys, expected, rtol=0, atol=1e-7)
+
+
+def test_non_differentiable_vector_field_is_reported():
+    def f(t, y, args):
+        # computes its value through its own autograd call on a detached copy: no df/dy available
+        with torch.enable_grad():
+            y_ = y.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad((y_**2).sum() / 2, y_)
+        return -g.detach()
+
+    with pytest.raises(RuntimeError, match="Jacobian df/dy"):
+        nde.solve(f, Kvaerno5(), 0.0, 1.0, Y0)
