@@ -435,29 +435,65 @@ class BrownianInterval(AbstractPath):
             )
         ta = ta.expand(B).tolist()
         tb = None if tb is None else tb.expand(B).tolist()
-        outW = torch.empty((B, numel // B), dtype=torch.float64, device=self.device)
-        outH = torch.empty_like(outW) if use_levy else None
+        found = {}
+
+        def locate(t):
+            v = found.get(t)
+            if v is None:
+                v = found[t] = self._locate(t)
+            return v
+
+        Ws, Js, ts_ = self._rows_at([locate(t) for t in ta], B)
+        if tb is None:
+            return Ws.reshape(self.shape).to(self.dtype)
+        Wu, Ju, tu_ = self._rows_at([locate(t) for t in tb], B)
+        W = (Wu - Ws).reshape(self.shape).to(self.dtype)
+        if not use_levy:
+            return W
+        # space-time Lévy area per row over [min(s, u), max(s, u)]
+        flip = (tu_ < ts_).unsqueeze(-1)
+        W0, J0, t0r = torch.where(flip, Wu, Ws), torch.where(flip, Ju, Js), torch.minimum(ts_, tu_).unsqueeze(-1)
+        W1, J1, t1r = torch.where(flip, Ws, Wu), torch.where(flip, Js, Ju), torch.maximum(ts_, tu_).unsqueeze(-1)
+        h = t1r - t0r
+        safe = torch.where(h > 0, h, torch.ones_like(h))
+        H = torch.where(h > 0, (J1 - J0 - h * W0) / safe - 0.5 * (W1 - W0), torch.zeros_like(W0))
+        return W, H.reshape(self.shape).to(self.dtype)
+
+    def _rows_at(self, locs, B):
+        """Point values ``(W, J)`` (float64, ``(B, rest)``) with row ``b`` at the located time ``locs[b]``."""
+        rest = math.prod(self.shape) // B
+        outW = torch.empty((B, rest), dtype=torch.float64, device=self.device)
+        outJ = torch.zeros_like(outW) if self._levy else None
+        times = torch.tensor([loc[2] for loc in locs], dtype=torch.float64, device=self.device)
+        grid = [b for b, loc in enumerate(locs) if loc[1] == 0]
+        if grid:
+            ks = torch.tensor([locs[b][0] for b in grid], device=self.device)
+            rows = torch.tensor(grid, device=self.device)
+            last = (self.n_cells - 1) // self._chunk
+            chunks = torch.clamp(ks // self._chunk, max=last)
+            for c in torch.unique(chunks).tolist():
+                sel = chunks == c
+                k, r = ks[sel], rows[sel]
+                d = self._chunk_data(c, prefix=True)
+                ws, js = self._start_of_chunk(c)
+                i = k - d["start"]
+                n = d["PW"].shape[0]
+                outW[r] = ws.reshape(B, rest)[r] + d["PW"].reshape(n, B, rest)[i, r]
+                if self._levy:
+                    off = torch.where(k == self.n_cells, torch.full_like(i, 0, dtype=torch.float64) + d["len"],
+                                      i.to(torch.float64) * self.dt).unsqueeze(-1)
+                    outJ[r] = js.reshape(B, rest)[r] + off * ws.reshape(B, rest)[r] + d["PJ"].reshape(n, B, rest)[i, r]
         groups = {}
-        for b in range(B):
-            groups.setdefault((ta[b], None if tb is None else tb[b]), []).append(b)
-        for (s, u), rows in groups.items():
-            rows_t = torch.tensor(rows, device=self.device)
-            if u is None:
-                k, j, t = self._locate(s)
-                val = self._point(k, j, t)[0]
-                outW[rows_t] = val.reshape(B, -1)[rows_t]
-                continue
-            ks, js, tsr = self._locate(s)
-            ku, ju, tur = self._locate(u)
-            Ws, Js = self._point(ks, js, tsr)
-            Wu, Ju = self._point(ku, ju, tur)
-            outW[rows_t] = (Wu - Ws).reshape(B, -1)[rows_t]
-            if use_levy:
-                outH[rows_t] = _levy_from_points(Ws, Js, tsr, Wu, Ju, tur).reshape(B, -1)[rows_t]
-        W = outW.reshape(self.shape).to(self.dtype)
-        if use_levy:
-            return W, outH.reshape(self.shape).to(self.dtype)
-        return W
+        for b, loc in enumerate(locs):
+            if loc[1] != 0:
+                groups.setdefault(loc, []).append(b)
+        for (k, j, t), rows in groups.items():
+            r = torch.tensor(rows, device=self.device)
+            W, J = self._point(k, j, t)
+            outW[r] = W.reshape(B, rest)[r]
+            if self._levy:
+                outJ[r] = J.reshape(B, rest)[r]
+        return outW, outJ, times
 
 
 def _lead(shape, B):

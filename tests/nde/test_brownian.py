@@ -112,12 +112,17 @@ def test_bridge_conditional_variance_inside_a_cell():
 
 
 def test_per_sample_times():
-    bm = _bm(shape=(4, 2), dt=0.1)
-    t0 = torch.tensor([0.0, 0.1, 0.25, 0.0], dtype=torch.float64).reshape(4, 1)
-    t1 = torch.tensor([0.1, 0.3, 0.5, 1.0], dtype=torch.float64).reshape(4, 1)
-    out = bm.evaluate(t0, t1)
-    for b in range(4):
-        torch.testing.assert_close(out[b], bm.evaluate(float(t0[b]), float(t1[b]))[b], rtol=0, atol=1e-14)
+    # grid and off-grid times, a backwards interval, several chunks: each row equals the scalar query
+    bm = _bm(shape=(6, 2), dt=0.1, levy_area="space-time", chunk_elements=4)
+    t0 = torch.tensor([0.0, 0.1, 0.25, 0.0, 0.7, 0.33], dtype=torch.float64).reshape(6, 1)
+    t1 = torch.tensor([0.1, 0.3, 0.5, 1.0, 0.2, 0.9], dtype=torch.float64).reshape(6, 1)
+    w, hh = bm.evaluate(t0, t1, use_levy=True)
+    points = bm.evaluate(t1)
+    for b in range(6):
+        ws, hs = bm.evaluate(float(t0[b]), float(t1[b]), use_levy=True)
+        torch.testing.assert_close(w[b], ws[b], rtol=0, atol=1e-13)
+        torch.testing.assert_close(hh[b], hs[b], rtol=0, atol=1e-13)
+        torch.testing.assert_close(points[b], bm.evaluate(float(t1[b]))[b], rtol=0, atol=1e-13)
 
 
 def test_dtype_device_and_errors():
