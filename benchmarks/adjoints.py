@@ -5,6 +5,8 @@ Three tables:
 1. The same neural ODE (batch 64, state 32, 2-hidden-layer tanh MLP of width 64, fixed steps on
    [0, 1]) at 100 and 1000 steps: forward+backward wall time and peak memory (growth of the resident-set
    high-water mark over a warm process, each measured in a fresh subprocess) of every adjoint.
+   Times are CPU seconds of the single-threaded process (best of N): the wall time on an idle
+   machine, and not inflated by other processes on a shared one.
 2. BacksolveAdjoint with the seminorm against the RMS norm on the foundation's batch-256 problem
    (state 16, width 64, t1 = 5, Dopri5, rtol = atol = 1e-6): backward NFE, and forward+backward wall
    time against torchdiffeq's ``odeint_adjoint(..., adjoint_options=dict(norm="seminorm"))``.
@@ -33,13 +35,16 @@ def mlp(dim, width, seed=0):
 
 
 def best_time(fn, repeats):
-    """Fastest of ``repeats`` runs after a warm-up (robust to other load on a shared machine)."""
+    """Fastest of ``repeats`` runs after a warm-up, in CPU time of this (single-threaded) process.
+
+    On an idle machine this is the wall time; on a shared one it is not inflated by other processes.
+    """
     fn()
     ts = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         fn()
-        ts.append(time.perf_counter() - t0)
+        ts.append(time.process_time() - t0)
     return min(ts)
 
 
