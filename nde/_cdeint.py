@@ -173,10 +173,10 @@ def cdeint(X, func, z0, t, adjoint=True, backend="torchdiffeq", **kwargs):
     if not callable(func):
         raise TypeError(f"func must be callable as func(t, z); got {type(func).__name__}.")
 
-    vf_prod = None
-    if hasattr(func, "prod"):
-        def vf_prod(s, z, args, dxdt):
-            return func.prod(s, z, dxdt)
+    def direct_prod(s, z, args, dxdt):
+        return func.prod(s, z, dxdt)
+
+    vf_prod = direct_prod if hasattr(func, "prod") else None
 
     def vector_field(s, z, args):
         return func(s, z)

@@ -24,7 +24,6 @@ its own end.
 from __future__ import annotations
 
 import bisect
-import math
 
 import torch
 

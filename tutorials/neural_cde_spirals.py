@@ -34,7 +34,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-import nde
 from nde.models import NeuralCDE
 
 torch.manual_seed(0)
