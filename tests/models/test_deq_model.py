@@ -122,3 +122,32 @@ def test_errors():
         DEQ(3)
     with pytest.raises(ValueError, match="m"):
         MonotoneDEQ(2, 4, m=0.0)
+
+
+class ConvCell(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, z, x):
+        return torch.tanh(self.conv(z) + x)
+
+
+def test_convolutional_deq_image_state():
+    torch.manual_seed(4)
+    cell = ConvCell(3).double()
+    with torch.no_grad():
+        cell.conv.weight.mul_(0.3)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    tight = dict(rtol=0, atol=1e-12, max_steps=300, throw=True)
+    grads = []
+    for backward in ("implicit", "unrolled"):
+        deq = DEQ(cell, solver=Anderson(**tight), backward=backward)
+        z, info = deq(x, return_info=True)
+        assert z.shape == x.shape and info.result.converged.shape == (2,)
+        torch.testing.assert_close(cell(z, x), z, rtol=0, atol=1e-10)
+        grads.append(torch.autograd.grad(z.pow(2).sum(), cell.conv.weight)[0])
+    assert (grads[0] - grads[1]).abs().max() <= 1e-6
+    sdeq = DEQ(ConvCell(3), norm="spectral")
+    assert parametrize.is_parametrized(sdeq.cell.conv, "weight")
+    assert sdeq(torch.randn(2, 3, 5, 5)).shape == (2, 3, 5, 5)
