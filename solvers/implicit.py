@@ -484,8 +484,13 @@ class AbstractFIRK(AbstractImplicitRK):
                 y_err = self._failed(~conv.last_ok if layout == "batch" else True, y_err, y0)
             else:
                 self._warn(t0)
-        if torch.is_grad_enabled() and (y0.requires_grad or f(t_start, y0, args).requires_grad):
-            nfe += 1 + s
+        track = torch.is_grad_enabled() and y0.requires_grad
+        if torch.is_grad_enabled() and not track:
+            # parameters of f (or tensors in args) that require gradients show in its output
+            track = f(t_start, y0, args).requires_grad
+            nfe += 1
+        if track:
+            nfe += s
             G = residual(Z, y0)
             if G.requires_grad:
                 Js = [N.jacobian(lambda y, i=i: f(ts[i], y, args), y0.detach() + Z[i], layout)[0] for i in range(s)]
