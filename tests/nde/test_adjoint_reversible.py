@@ -73,3 +73,35 @@ def test_reversible_backwards_in_time():
         (g,) = torch.autograd.grad(sol.ys.pow(2).sum(), [y0])
         res.append(g)
     assert torch.allclose(res[0], res[1], rtol=1e-10, atol=1e-13)
+
+
+def test_reversible_and_checkpoint_on_an_sde():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+    g = torch.nn.Linear(3, 3).double()
+    y0 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    bm = nde.BrownianInterval(0.0, 1.0, shape=(4, 3), dtype=torch.float64, seed=3)
+    terms = nde.MultiTerm(nde.ODETerm(lambda t, y: net(y)),
+                          nde.ControlTerm(lambda t, y: torch.tanh(g(y)), bm, noise="diagonal"))
+    res = []
+    for adj in (nde.DirectAdjoint(), nde.ReversibleAdjoint(), nde.CheckpointAdjoint(checkpoints=4)):
+        sol = nde.solve(terms, ReversibleHeun(), 0.0, 1.0, y0, dt0=0.02, adjoint=adj,
+                        saveat=nde.SaveAt(ts=torch.linspace(0, 1, 5)))
+        gr = torch.autograd.grad((sol.ys**2).sum(), [y0, *net.parameters(), *g.parameters()])
+        res.append(torch.cat([x.flatten() for x in gr]))
+    for r in res[1:]:
+        assert float((r - res[0]).abs().max() / res[0].abs().max()) < 1e-10
+
+
+def test_checkpoint_across_jump_times():
+    net, y0 = _setup()
+    res = []
+    for adj in (nde.DirectAdjoint(), nde.CheckpointAdjoint()):
+        sol = nde.solve(lambda t, y: net(y) * torch.sign(t - 0.5), Tsit5(), 0.0, 1.0, y0, adjoint=adj,
+                        controller=nde.PIDController(rtol=1e-6, atol=1e-8, jump_ts=[0.5]))
+        gr = torch.autograd.grad((sol.ys**2).sum(), [y0, *net.parameters()])
+        res.append(torch.cat([x.flatten() for x in gr]))
+    assert float((res[1] - res[0]).abs().max() / res[0].abs().max()) < 1e-10
+    with pytest.raises(ValueError, match="jump_ts"):
+        nde.solve(lambda t, y: net(y), ReversibleHeun(), 0.0, 1.0, y0, adjoint=nde.ReversibleAdjoint(),
+                  controller=nde.PIDController(rtol=1e-4, atol=1e-6, jump_ts=[0.5]))
