@@ -211,7 +211,7 @@ class AbstractFixedPointSolver:
 
         return self._run(F, z0.reshape(n, d), shape, batch_shape)
 
-    def _run(self, F, z, shape, batch_shape, matvec_counts=1):
+    def _run(self, F, z, shape, batch_shape):
         n = z.shape[0]
         device = z.device
         real_dtype = z.real.dtype if z.is_complex() else z.dtype
@@ -230,13 +230,13 @@ class AbstractFixedPointSolver:
             nfe += 1
             g = fz - z
             r = torch.linalg.vector_norm(g, dim=1)
-            tol = self.atol + self.rtol * torch.linalg.vector_norm(fz, dim=1)
+            tol = self.atol + self.rtol * torch.linalg.vector_norm(fz, dim=1) if self.rtol else self.atol
             finite = torch.isfinite(r)
             last_r = torch.where(active, r, last_r)
             history.append(last_r)
-            iterations = torch.where(active, k + 1, iterations)
+            iterations = iterations + active
             conv = active & (r <= tol)
-            better = (active & finite & (r < best_r)) | conv
+            better = (active & (r < best_r)) | conv
             best_r = torch.where(better, r, best_r)
             best_z = torch.where(better[:, None], z, best_z)
             converged = converged | conv
