@@ -173,6 +173,11 @@ class NeuralCDE(nn.Module):
         if coeffs is None:
             coeffs = self.coeffs(x, t)
         if self.interpolation == "rectilinear":
+            if ts is not None or t_end is not None:
+                raise ValueError(
+                    "A rectilinear path runs on its own clock (two knots an observation): ts and t_end are not "
+                    "available with interpolation='rectilinear'."
+                )
             t = None
         X = self.path(coeffs, t)
         z0 = self.initial(X.evaluate(X.t0))
