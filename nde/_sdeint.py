@@ -364,6 +364,71 @@ def sdeint(sde, y0, ts, bm=None, method=None, dt=1e-3, adaptive=False, rtol=1e-5
     return _run(sde, y0, ts, bm, method, dt, adaptive, rtol, atol, dt_min, options, names, logqp, extra, None)
 
 
+class _StochasticAdjoint(torch.autograd.Function):
+    """Forward solve without a graph; the backward pass solves the Stratonovich adjoint SDE from each
+    output time to the previous one on the same Brownian path (resetting ``y`` to the saved value)."""
+
+    @staticmethod
+    def forward(ctx, run, y0, *params):
+        with torch.no_grad():
+            ys = run["forward"](y0)
+        ctx.run = run
+        ctx.save_for_backward(ys)
+        return ys
+
+    @staticmethod
+    def backward(ctx, ct):
+        from ._sde_adjoint import stratonovich_adjoint_terms
+
+        (ys,) = ctx.saved_tensors
+        run = ctx.run
+        params, terms, ts = run["params"], run["terms"], run["ts"]
+        drift, diffusion = terms.terms
+        shape = tuple(ys.shape[1:])
+        n = ys[0].numel()
+        aug = stratonovich_adjoint_terms(drift, diffusion, params, None, shape)
+        a = ct[-1]
+        a_th = [torch.zeros(p.numel(), dtype=ys.dtype, device=ys.device) for p in params]
+        for i in range(ts.numel() - 1, 0, -1):
+            z = torch.cat([ys[i].reshape(-1), a.reshape(-1)] + a_th)
+            with torch.no_grad():
+                z = run["backward"](aug, float(ts[i]), float(ts[i - 1]), z)
+            a = z[n:2 * n].reshape(shape) + ct[i - 1]
+            off = 2 * n
+            a_th = []
+            for p in params:
+                a_th.append(z[off:off + p.numel()])
+                off += p.numel()
+        grads = [g.reshape(p.shape).to(p.dtype) for g, p in zip(a_th, params)]
+        return (None, a) + tuple(grads)
+
+
+def _stochastic_adjoint(sde, y0, ts, bm, method, dt, adaptive, rtol, atol, dt_min, options, names, logqp, extra,
+                        params):
+    from nde import solvers as S
+
+    terms, solver, controller, y0a, ts, sde = _build(sde, y0, ts, bm, method, dt, adaptive, rtol, atol, dt_min,
+                                                     options, names, logqp)
+    if ts.numel() == 1:
+        return _finish(y0a.unsqueeze(0), y0.shape, logqp, extra)
+    back_solver = solver if type(solver) in (S.Heun, S.Midpoint, S.EulerHeun) else S.Midpoint()
+
+    def forward(y):
+        sol = solve(terms, solver, float(ts[0]), float(ts[-1]), y, dt0=dt, saveat=SaveAt(ts=ts),
+                    controller=controller, max_steps=None)
+        return sol.ys
+
+    def backward(aug, t_from, t_to, z):
+        c = controller if isinstance(controller, ConstantStepSize) else PIDController(
+            rtol=rtol, atol=atol, dtmin=dt_min, force_dtmin=True)
+        return solve(aug, back_solver, t_from, t_to, z, dt0=-min(dt, t_from - t_to), controller=c,
+                     max_steps=None).ys[-1]
+
+    run = {"forward": forward, "backward": backward, "params": params, "terms": terms, "ts": ts}
+    ys = _StochasticAdjoint.apply(run, y0a, *params)
+    return _finish(ys, y0.shape, logqp, extra)
+
+
 def sdeint_adjoint(sde, y0, ts, bm=None, method="reversible_heun", adjoint_method=None, dt=1e-3, adaptive=False,
                    adjoint_adaptive=False, rtol=1e-5, adjoint_rtol=1e-5, atol=1e-4, adjoint_atol=1e-4, dt_min=1e-5,
                    options=None, adjoint_options=None, adjoint_params=None, names=None, logqp=False, extra=False,
@@ -372,11 +437,14 @@ def sdeint_adjoint(sde, y0, ts, bm=None, method="reversible_heun", adjoint_metho
 
     ``method="reversible_heun"`` (with ``adjoint_method`` None or ``"adjoint_reversible_heun"``) uses
     :class:`nde.ReversibleAdjoint`: exact gradients of the discretised solve with O(1) memory in the
-    number of steps. Other methods use :class:`nde.CheckpointAdjoint` (exact gradients with
-    checkpointed memory). ``adjoint_params`` adds tensors to differentiate; by default the
-    parameters of ``sde`` (when it is an ``nn.Module``) are used.
+    number of steps. Other Stratonovich methods use the stochastic adjoint (Li et al. 2020): the
+    adjoint SDE is solved backwards on the same Brownian path (O(1) memory; gradients converge to the
+    discrete ones as ``dt -> 0``). Itô methods use :class:`nde.CheckpointAdjoint` (exact gradients of
+    the discretisation with checkpointed memory). ``adjoint_params`` are the tensors to differentiate;
+    by default the parameters of ``sde`` (when it is an ``nn.Module``).
 
-    Kidger, Foster, Li & Lyons (2021), "Efficient and accurate gradients for neural SDEs", NeurIPS.
+    Kidger, Foster, Li & Lyons (2021), "Efficient and accurate gradients for neural SDEs", NeurIPS;
+    Li, Wong, Chen & Duvenaud (2020), "Scalable gradients for stochastic differential equations", AISTATS.
     """
     from ._checkpoint import CheckpointAdjoint
     from ._reversible_adjoint import ReversibleAdjoint
@@ -389,5 +457,9 @@ def sdeint_adjoint(sde, y0, ts, bm=None, method="reversible_heun", adjoint_metho
     if method == "reversible_heun" and adjoint_method in (None, "adjoint_reversible_heun"):
         adjoint = ReversibleAdjoint(params=params)
     else:
+        kind = getattr(_Renamed(sde, names) if names else sde, "sde_type", None)
+        if kind == "stratonovich":
+            return _stochastic_adjoint(sde, y0, ts, bm, method, dt, adaptive, rtol, atol, dt_min, options, names,
+                                       logqp, extra, params or [])
         adjoint = CheckpointAdjoint(params=params)
     return _run(sde, y0, ts, bm, method, dt, adaptive, rtol, atol, dt_min, options, names, logqp, extra, adjoint)
