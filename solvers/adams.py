@@ -248,7 +248,8 @@ class AdaptiveAdams(AbstractSolver):
     non-uniform nodes, so the step size may change every step. ``k`` grows from 1 (the first step
     is Euler/trapezoid) to ``order - 1``; the error estimate is ``y_corr - y_pred`` (the local error
     of the predictor, ``O(dt^order)``), which keeps the corrected solution well inside the tolerance.
-    Joint batch mode only. On smooth non-stiff problems at tight tolerances it needs a third of the
+    In independent batch mode every sample keeps its own history and nodes (fixed-size buffers; the
+    coefficients of all samples come from one batched solve of the moment equations). On smooth non-stiff problems at tight tolerances it needs a third of the
     evaluations of ``Dopri5``; a controller that limits step growth (``PIDController(factormax=2)``)
     keeps the variable-step formulas well conditioned.
 
@@ -261,8 +262,6 @@ class AdaptiveAdams(AbstractSolver):
     order:
         Order of the predictor once the history is full (2 to 12, default 8; the corrector has one more).
     """
-
-    supports_independent = False
 
     def __init__(self, order=8):
         if not isinstance(order, int) or not 2 <= order <= _MAX_ORDER:
@@ -281,11 +280,20 @@ class AdaptiveAdams(AbstractSolver):
         return f"AdaptiveAdams(order={self._order})"
 
     def init(self, terms, t0, t1, y0, args):
-        return {"ts": [], "fs": [], "next": None}, 0
+        if isinstance(t0, float):
+            return {"ts": [], "fs": [], "next": None}, 0
+        # independent mode: fixed-size per-sample buffers (most recent first) and a count of valid entries
+        B, H = y0.shape[0], self._order - 1
+        f0 = terms.ode(t0.to(y0.dtype), y0, args)
+        tb = t0.reshape(B).to(torch.float64)
+        return {
+            "ts": tb.new_zeros(B, H), "fs": y0.new_zeros((B, H) + tuple(y0.shape[1:])),
+            "count": torch.zeros(B, dtype=torch.long, device=y0.device), "next_t": tb.clone(), "next_f": f0,
+        }, 1
 
     def step(self, terms, t0, t1, y0, args, solver_state):
         if not isinstance(t0, float):
-            raise ValueError("AdaptiveAdams keeps one history for the whole batch: use batch_mode='joint'.")
+            return self._step_batch(terms, t0, t1, y0, args, solver_state)
         f = terms.ode
         dt = t1 - t0
         st = solver_state if solver_state is not None else {"ts": [], "fs": [], "next": None}
@@ -313,13 +321,67 @@ class AdaptiveAdams(AbstractSolver):
         dense_info = {"y0": y0, "y1": y1, "f0": f0, "f1": f1}
         return y1, y_err, dense_info, new_state, nfe
 
+    def _step_batch(self, terms, t0, t1, y0, args, st):
+        """Independent mode: every sample its own nodes; coefficients from one batched linear solve."""
+        f = terms.ode
+        B, H = y0.shape[0], self._order - 1
+        pad = (1,) * (y0.dim() - 1)
+        t0f, t1f = t0.reshape(B).to(torch.float64), t1.reshape(B).to(torch.float64)
+        dt = t1f - t0f
+        dt_safe = torch.where(dt == 0, torch.ones_like(dt), dt)
+        f0 = st["next_f"]  # f(t0, y0): carried from the last accepted step (or init)
+        ts = torch.cat([t0f.unsqueeze(1), st["ts"][:, :-1]], 1)
+        fs = torch.cat([f0.unsqueeze(1), st["fs"][:, :-1]], 1)
+        count = (st["count"] + 1).clamp(max=H)
+        nodes = (ts - t0f.unsqueeze(1)) / dt_safe.unsqueeze(1)  # (B, H), 0 and negative
+        beta = _batched_adams(nodes, count)  # (B, H)
+        moulton = _batched_adams(torch.cat([torch.ones_like(nodes[:, :1]), nodes], 1), count + 1)  # (B, H+1)
+        dtb = dt.to(y0.dtype).reshape((B,) + pad)
+
+        def comb(coef, vals):
+            c = coef.to(y0.dtype).reshape(coef.shape + pad)
+            return (c * vals).sum(1)
+
+        y_pred = y0 + dtb * comb(beta, fs)
+        tt1 = t1.to(y0.dtype)
+        f_pred = f(tt1, y_pred, args)
+        y1 = y0 + dtb * comb(moulton, torch.cat([f_pred.unsqueeze(1), fs], 1))
+        f1 = f(tt1, y1, args)
+        with torch.no_grad():
+            y_err = y1 - y_pred
+        new_state = {"ts": ts, "fs": fs, "count": count, "next_t": t1f, "next_f": f1}
+        dense_info = {"y0": y0, "y1": y1, "f0": f0, "f1": f1}
+        return y1, y_err, dense_info, new_state, 2
+
     def dense_eval(self, terms, args, t0, t1, dense_info, theta):
         d = dense_info
-        return _hermite(d["y0"], d["y1"], d["f0"], d["f1"], t1 - t0, theta), 0
+        return _hermite(d["y0"], d["y1"], d["f0"], d["f1"], _dt(t0, t1, d["y0"]), theta), 0
 
     def dense_derivative(self, terms, args, t0, t1, dense_info, theta):
         d = dense_info
-        return _hermite_derivative(d["y0"], d["y1"], d["f0"], d["f1"], t1 - t0, theta) + 0 * theta, 0
+        return _hermite_derivative(d["y0"], d["y1"], d["f0"], d["f1"], _dt(t0, t1, d["y0"]), theta) + 0 * theta, 0
+
+
+def _dt(t0, t1, y):
+    dt = t1 - t0
+    return dt if isinstance(dt, float) else dt.to(y.dtype)
+
+
+def _batched_adams(nodes, count):
+    """``int_0^1 L_j(u) du`` for every row of ``nodes`` (B, m), using its first ``count[b]`` nodes.
+
+    Solves the moment equations ``sum_j beta_j u_j^p = 1 / (p + 1)``, ``p < count``; unused entries
+    get the identity, so their coefficients are zero.
+    """
+    B, m = nodes.shape
+    p = torch.arange(m, device=nodes.device)
+    valid = p.unsqueeze(0) < count.unsqueeze(1)  # (B, m)
+    V = nodes.unsqueeze(1) ** p.reshape(1, m, 1).to(nodes.dtype)  # V[b, p, j] = u_j^p
+    mask = valid.unsqueeze(1) & valid.unsqueeze(2)
+    eye = torch.eye(m, dtype=nodes.dtype, device=nodes.device).expand(B, m, m)
+    V = torch.where(mask, V, eye)
+    rhs = torch.where(valid, 1.0 / (p + 1).to(nodes.dtype), torch.zeros_like(nodes))
+    return torch.linalg.solve(V, rhs)
 
 
 __all__ = ["AdamsBashforthMoulton", "ExplicitAdams", "ImplicitAdams", "FixedAdams", "AdaptiveAdams"]
