@@ -87,8 +87,9 @@ class _ReversibleRunner:
         stepper = JointStepper(p, T, rec.jumps, per_step, self.params)
         grads = [None] * len(self.params)
         y0 = p.y0.detach()
-        if _fused_heun_applies(p, rec):
-            a_y, rnfe, self.reconstruction_error = _heun_backward(p, T, rec, per_step, ct, self.params, grads)
+        fused = _fused_backward(p, rec, per_step)
+        if fused is not None:
+            a_y, rnfe, self.reconstruction_error = fused(p, T, rec, per_step, ct, self.params, grads)
             for k in at_start:
                 a_y = a_y + ct[k]
             self.adj.backward_stats = {"nfe": rnfe, "num_steps": n, "reconstruction_error": self.reconstruction_error}
@@ -115,11 +116,113 @@ class _ReversibleRunner:
 # ---------------------------------------------------------------------------------------------
 # reversible Heun: reconstruction and adjoint fused, one vector-field evaluation (with its graph)
 # and one vector-Jacobian product a step
-def _fused_heun_applies(p, rec):
-    from nde.solvers.reversible import ReversibleHeun
+def _fused_backward(p, rec, per_step):
+    """The fused backward pass for this solve's solver, or None (then: reverse step + generic VJP)."""
+    from nde.solvers.reversible import AsynchronousLeapfrog, Reversible, ReversibleHeun
 
-    return (type(p.solver) is ReversibleHeun and rec.state is not None and isinstance(rec.state[1], torch.Tensor)
-            and len(rec.T) > 1)
+    if rec.state is None or len(rec.T) < 2:
+        return None
+    if type(p.solver) is ReversibleHeun:
+        return _heun_backward if isinstance(rec.state[1], torch.Tensor) else None
+    # the other two interpolate inside a step through their own dense output: fuse only without such outputs
+    if any(th is not None for lst in per_step for _, th in lst):
+        return None
+    if type(p.solver) is AsynchronousLeapfrog:
+        return _alf_backward
+    if type(p.solver) is Reversible:
+        return _wrapper_backward
+    return None
+
+
+def _accumulate(grads, res):
+    for j, gp in enumerate(res):
+        if gp is not None:
+            grads[j] = gp if grads[j] is None else grads[j] + gp
+
+
+def _end_cotangents(per_step, i, ct, a_y):
+    for k, _ in per_step[i]:
+        a_y = a_y + ct[k]
+    return a_y
+
+
+def _alf_backward(p, T, rec, per_step, ct, params, grads):
+    """Adjoint of asynchronous-leapfrog steps fused with their reconstruction.
+
+    A step is ``k = y0 + v0 h/2``, ``u = f(t0 + h/2, k)``, ``v1 = 2u - v0``, ``y1 = k + v1 h/2``; the
+    reconstruction evaluates ``f`` at the same ``k``, so its graph serves the transpose as well.
+    """
+    terms, args = p.terms, p.args
+    solver = p.solver
+    y, v = rec.y, rec.state
+    a_y, a_v = torch.zeros_like(y), torch.zeros_like(y)
+    nfe = 0
+    for i in range(len(T) - 2, -1, -1):
+        h, s = solver._half(T[i], T[i + 1], y)
+        a_y = _end_cotangents(per_step, i, ct, a_y)
+        with torch.enable_grad():
+            k = (y - (0.5 * h) * v).detach().requires_grad_(True)
+            u = terms.ode(s, k, args)
+        nfe += 1
+        with torch.no_grad():
+            v0 = 2 * u.detach() - v
+            y0 = k.detach() - (0.5 * h) * v0
+        a_v1 = a_v + (0.5 * h) * a_y
+        with torch.enable_grad():
+            res = torch.autograd.grad(u, [k] + params, 2 * a_v1, allow_unused=True)
+        _accumulate(grads, res[1:])
+        a_k = a_y + (res[0] if res[0] is not None else 0)
+        a_y, a_v = a_k, -a_v1 + (0.5 * h) * a_k
+        y, v = y0, v0
+    # the initial state v0 = f(t0, y0)
+    from nde.solvers.reversible import _time
+
+    with torch.enable_grad():
+        yl = y.detach().requires_grad_(True)
+        f0 = terms.ode(_time(T[0], yl), yl, args)
+        res = torch.autograd.grad(f0, [yl] + params, a_v, allow_unused=True)
+    _accumulate(grads, res[1:])
+    a_y = a_y + (res[0] if res[0] is not None else 0)
+    return a_y, nfe + 1, float((y - p.y0.detach()).abs().max())
+
+
+def _wrapper_backward(p, T, rec, per_step, ct, params, grads):
+    """Adjoint of ``Reversible(solver)`` steps fused with their reconstruction.
+
+    A step is ``y1 = c y0 + (1 - c) z0 + D0(z0)``, ``z1 = z0 - D1(y1)`` with ``D0``/``D1`` the base
+    solver's increments forwards from ``z0`` and backwards from ``y1``; the reconstruction takes exactly
+    these two base steps, and their graphs give the transpose.
+    """
+    terms, args = p.terms, p.args
+    solver = p.solver
+    c = solver.coupling
+    y, z = rec.y, rec.state
+    a_y, a_z = torch.zeros_like(y), torch.zeros_like(y)
+    nfe = 0
+    for i in range(len(T) - 2, -1, -1):
+        t0, t1 = T[i], T[i + 1]
+        a_y = _end_cotangents(per_step, i, ct, a_y)
+        with torch.enable_grad():
+            yl = y.detach().requires_grad_(True)
+            d1, _, _, n1 = solver._increment(terms, t1, t0, yl, args)
+            z0 = (z + d1.detach())
+            zl = z0.detach().requires_grad_(True)
+            d0, _, _, n2 = solver._increment(terms, t0, t1, zl, args)
+        nfe += n1 + n2
+        with torch.no_grad():
+            y0 = (y - (1 - c) * z0 - d0.detach()) / c if c != 1 else y - d0.detach()
+        with torch.enable_grad():
+            res = torch.autograd.grad(d1, [yl] + params, -a_z, allow_unused=True)
+        _accumulate(grads, res[1:])
+        a_y1 = a_y + (res[0] if res[0] is not None else 0)
+        with torch.enable_grad():
+            res = torch.autograd.grad(d0, [zl] + params, a_y1, allow_unused=True)
+        _accumulate(grads, res[1:])
+        a_z = a_z + (1 - c) * a_y1 + (res[0] if res[0] is not None else 0)
+        a_y = c * a_y1
+        y, z = y0, z0
+    # the initial state z0 = y0
+    return a_y + a_z, nfe, float((y - p.y0.detach()).abs().max())
 
 
 def _heun_backward(p, T, rec, per_step, ct, params, grads):
