@@ -20,6 +20,7 @@ def _one_thread():
     yield
     torch.set_num_threads(n)
 
+
 DT = torch.float64
 MU, SIG = 1.0, 0.5
 
@@ -132,3 +133,26 @@ def test_reversible_heun_strong_order():
     slope = float(np.polyfit(np.log(hs), np.log(errs), 1)[0])
     # commutative (diagonal) noise: order 1, like the other Stratonovich Heun-type methods
     assert abs(slope - 1.0) < 0.2, (slope, errs)
+
+
+def test_reversible_heun_strong_order_additive_and_general_noise():
+    import sys
+    import pathlib
+
+    sys.path.insert(0, str(pathlib.Path(__file__).parent))
+    from test_sde_order import _final, _general_terms, _slope
+
+    n = 128
+    G = torch.tensor([[0.5, 0.2, -0.3], [0.1, 0.4, 0.3]], dtype=DT)
+    bm = BrownianInterval(0.0, 1.0, (n, 3), seed=1, dtype=DT, dt=2**-10, levy_area="space-time")
+    add = MultiTerm(ODETerm(lambda t, y: torch.sin(y) - 0.5 * y**3 / (1 + y**2)),
+                    ControlTerm(lambda t, y: G.expand(y.shape[0], 2, 3), bm, noise="additive"))
+    y0 = torch.ones(n, 2, dtype=DT)
+    ref = _final(add, S.SRA1(), y0, 2**-10)
+    hs = [2.0**-k for k in range(2, 7)]
+    errs = [(_final(add, ReversibleHeun(), y0, h) - ref).abs().mean().item() for h in hs]
+    assert abs(_slope(hs, errs) - 1.0) < 0.2, errs
+    gen, gy0 = _general_terms()
+    ref = _final(gen, S.Heun(), gy0, 2**-10)
+    errs = [(_final(gen, ReversibleHeun(), gy0, h) - ref).abs().mean().item() for h in hs]
+    assert abs(_slope(hs, errs) - 0.5) < 0.2, errs
