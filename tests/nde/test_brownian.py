@@ -151,4 +151,4 @@ def test_fixed_grid_queries_are_cheap():
     for i in range(1, 100):
         bm.evaluate(i * 0.01, (i + 1) * 0.01)
     per_query = (time.perf_counter() - start) / 99
-    assert per_query < 2e-4
+    assert per_query < 5e-4  # typically ~1e-5 s: a slice of pre-drawn cells
