@@ -34,11 +34,14 @@ def binomial_split(length, slots):
 
 
 def default_checkpoints(n_steps):
-    """Checkpoints enough that every step is recomputed at most twice: least ``c`` with ``C(c+2, 2) >= n``."""
+    """Checkpoints enough that every step is recomputed at most twice.
+
+    The initial state occupies one of them, so this is ``1 +`` the least ``c`` with ``C(c + 2, 2) >= n``.
+    """
     c = 1
     while _beta(c, 2) < n_steps:
         c += 1
-    return c
+    return c + 1
 
 
 class CheckpointAdjoint(AbstractAdjoint):

@@ -181,4 +181,4 @@ def test_binomial_schedule_recomputation_bound():
         while math.comb(c - 1 + r, r) < n:
             r += 1
         assert advances <= r * n
-    assert default_checkpoints(1000) == 44
+    assert default_checkpoints(1000) == 45
