@@ -27,14 +27,46 @@ __all__ = ["logsignature", "logsignature_channels", "logsig_windows", "LogODETer
 
 
 def logsignature_channels(channels: int, depth: int) -> int:
-    """Size of the depth-``depth`` log-signature of a ``channels``-dimensional path (depth 1 or 2)."""
-    _check_depth(depth)
-    return channels if depth == 1 else channels + channels * (channels - 1) // 2
+    """Size of the depth-``depth`` log-signature of a ``channels``-dimensional path.
+
+    The number of Lyndon words of length at most ``depth`` over ``channels`` letters (Witt's formula).
+    """
+    _check_depth(depth, any_depth=True)
+    total = 0
+    for n in range(1, depth + 1):
+        total += sum(_mobius(n // d) * channels**d for d in range(1, n + 1) if n % d == 0) // n
+    return total
 
 
-def _check_depth(depth):
-    if isinstance(depth, bool) or depth not in (1, 2):
-        raise ValueError(f"depth must be 1 or 2 (increments, and Levy areas); got {depth!r}.")
+def _mobius(n):
+    out, p = 1, 2
+    while p * p <= n:
+        if n % p == 0:
+            n //= p
+            if n % p == 0:
+                return 0
+            out = -out
+        p += 1
+    return -out if n > 1 else out
+
+
+def _check_depth(depth, any_depth=False):
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1 or (not any_depth and depth > 2):
+        allowed = "a positive integer" if any_depth else "1 or 2 (increments, and Levy areas)"
+        raise ValueError(f"depth must be {allowed}; got {depth!r}.")
+
+
+def _deep_logsignature(x, depth):
+    """Depth > 2 through pysiglib (Lyndon basis, differentiable)."""
+    try:
+        import pysiglib
+    except ImportError:
+        raise ValueError(
+            f"depth={depth} needs the optional package pysiglib (pip install pysiglib); depths 1 and 2 are built in."
+        ) from None
+    pysiglib.prepare_log_sig(x.shape[-1], depth, 1)
+    flat = x.reshape((-1,) + x.shape[-2:]).contiguous()
+    return pysiglib.torch_api.log_sig(flat, depth, method=1).reshape(x.shape[:-2] + (-1,))
 
 
 def _triu(channels, device):
@@ -46,6 +78,7 @@ def logsignature(x: torch.Tensor, depth: int) -> torch.Tensor:
 
     Depth 1: the increment ``x_{-1} - x_0``. Depth 2: followed by the Levy areas
     ``A^{ij} = 1/2 sum_m ((x_m - x_0)^i d_m^j - (x_m - x_0)^j d_m^i)``, ``d_m = x_{m+1} - x_m``, ``i < j``.
+    Deeper log-signatures use the optional package pysiglib.
 
     Returns
     -------
@@ -56,9 +89,11 @@ def logsignature(x: torch.Tensor, depth: int) -> torch.Tensor:
     ----------
     Lyons (1998), "Differential equations driven by rough signals", *Rev. Mat. Iberoam.* 14.
     """
-    _check_depth(depth)
+    _check_depth(depth, any_depth=True)
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[-2] < 1:
         raise ValueError("x must be a tensor of shape (..., length, channels).")
+    if depth > 2:
+        return _deep_logsignature(x, depth)
     inc = x[..., -1, :] - x[..., 0, :]
     if depth == 1:
         return inc
@@ -122,7 +157,7 @@ def logsig_windows(x: torch.Tensor, depth: int, window_length: float, t: torch.T
     x:
         ``(..., length, channels)``, NaN where missing (filled linearly).
     depth:
-        1 or 2.
+        1, 2, or deeper with the optional package pysiglib.
     window_length:
         Length of every window in units of ``t`` (the last one may be shorter).
     t:
@@ -137,8 +172,14 @@ def logsig_windows(x: torch.Tensor, depth: int, window_length: float, t: torch.T
     ----------
     Morrill, Salvi, Kidger, Foster & Lyons (2021), "Neural rough differential equations for long time series", ICML.
     """
-    _check_depth(depth)
+    _check_depth(depth, any_depth=True)
     r, grid, pts, bidx = _windows(x, t, window_length)
+    if depth > 2:
+        b = bidx.tolist()
+        ls = torch.stack([logsignature(pts[..., b[k]:b[k + 1] + 1, :], depth) for k in range(len(b) - 1)], dim=-2)
+        first = torch.zeros_like(ls[..., :1, :])
+        first[..., 0, : x.shape[-1]] = pts[..., 0, :]
+        return torch.cat([first, ls], dim=-2).cumsum(-2)
     inc, area = _window_logsig(pts, bidx, depth)
     if depth == 2:
         i, j = _triu(x.shape[-1], x.device)

@@ -31,7 +31,7 @@ def test_logsignature_of_simple_paths():
     assert abs(float(logsignature(circle, 2)[2]) - math.pi) < 1e-5
     assert logsignature_channels(4, 2) == 10 and logsignature_channels(4, 1) == 4
     with pytest.raises(ValueError, match="depth"):
-        logsignature(x, 3)
+        logsignature(x, 0)
 
 
 def test_logsig_windows_depth_one_is_the_data_at_window_ends():
@@ -139,3 +139,20 @@ def test_log_ode_independent_mode_and_gradients():
                          dt0=0.025).ys[-1]
 
     assert torch.autograd.gradcheck(run, (z1, xs))
+
+
+def test_logsignatures_agree_with_pysiglib_and_go_deeper_through_it():
+    pysiglib = pytest.importorskip("pysiglib")
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 9, 3, dtype=D, generator=g).cumsum(1)
+    pysiglib.prepare_log_sig(3, 2, 1)
+    torch.testing.assert_close(logsignature(x, 2), pysiglib.log_sig(x.contiguous(), 2, method=1), rtol=1e-12, atol=1e-12)
+    deep = logsignature(x, 3)
+    assert deep.shape == (4, logsignature_channels(3, 3)) == (4, 14)
+    torch.testing.assert_close(deep[:, :6], logsignature(x, 2), rtol=1e-12, atol=1e-12)
+    xr = x.clone().requires_grad_(True)
+    logsignature(xr, 3).sum().backward()
+    assert torch.isfinite(xr.grad).all() and xr.grad.abs().sum() > 0
+    w = logsig_windows(x, 3, 4.0)
+    assert w.shape == (4, 3, 14)
+    torch.testing.assert_close(w[..., :6], logsig_windows(x, 2, 4.0), rtol=1e-12, atol=1e-12)
