@@ -287,12 +287,18 @@ class _IndependentRunner:
                     g1 = torch.zeros_like(tin1)
                 else:
                     f1 = terms.ode(self.tb(t1).to(yf0.dtype), self.rec.y, args) * p.sign
-                    g1 = (ctf[self.at_t1] * f1).sum().reshape(tin1.shape).to(tin1.dtype)
+                    g1 = self._reduce(ctf[self.at_t1] * f1, tin1)
             if tin0 is not None:
                 a = a_total - self._start_only(ctf)
                 f0 = terms.ode(self.tb(t0).to(yf0.dtype), yf0, args) * p.sign
-                g0 = (-(a * f0).sum()).reshape(tin0.shape).to(tin0.dtype)
+                g0 = self._reduce(-(a * f0), tin0)
         return g0, g1
+
+    def _reduce(self, x, t):
+        """Sum ``x`` (per sample) to the shape of the time tensor ``t``: a scalar, or one value a sample."""
+        if t.numel() == 1:
+            return x.sum().reshape(t.shape).to(t.dtype)
+        return x.reshape(self.B, -1).sum(1).reshape(t.shape).to(t.dtype)
 
     def _backward_checkpoint(self, n, yf0, a_y, ctf, grads):
         from ._checkpoint import binomial_split, default_checkpoints
@@ -338,7 +344,7 @@ class _IndependentRunner:
 def _time_inputs_independent(problem):
     res = []
     for t in (problem.t0_in, problem.t1_in):
-        ok = isinstance(t, torch.Tensor) and t.requires_grad and t.numel() == 1 and t.dtype.is_floating_point
+        ok = isinstance(t, torch.Tensor) and t.requires_grad and t.dtype.is_floating_point
         res.append(t if ok else None)
     return res
 

@@ -98,3 +98,20 @@ def test_gradcheck_independent(adjoint):
         assert torch.autograd.gradcheck(fn, (y0, w, t1), atol=1e-5, rtol=1e-4)
     else:
         assert torch.autograd.gradcheck(lambda a, b: fn(a, b, t1.detach()), (y0, w))
+
+
+def test_per_sample_end_time_gradients():
+    net, y0 = _setup()
+    t1 = torch.tensor([0.5, 0.8, 1.0, 1.2, 0.7, 0.9], dtype=torch.float64, requires_grad=True)
+
+    def f(t, y):
+        return net(y)
+
+    ctrl = nde.PIDController(rtol=1e-10, atol=1e-12)
+    sol = nde.solve(f, Tsit5(), 0.0, t1, y0, controller=ctrl, adjoint=nde.CheckpointAdjoint(),
+                    batch_mode="independent")
+    (g,) = torch.autograd.grad((sol.ys**2).sum(), [t1])
+    with torch.no_grad():
+        y1 = sol.ys[-1]
+        expect = (2 * y1 * net(y1)).sum(-1)  # d/dt1 of |y(t1)|^2 per sample
+    assert torch.allclose(g, expect, rtol=1e-8, atol=1e-10)
