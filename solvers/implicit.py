@@ -479,7 +479,9 @@ class AbstractFIRK(AbstractImplicitRK):
     """Fully implicit Runge--Kutta stepper: all stages in one Newton solve.
 
     Unknowns ``Z_i = dt sum_j a_ij k_j``; the simplified Newton matrix is ``I - dt (A x J)`` with
-    ``J = df/dy(t0, y0)``. ``y1 = y0 + sum_j d_j Z_j`` with ``d = b A^{-1}``. Dense output is the
+    ``J = df/dy(t0, y0)``. From 8 unknowns a system on, it is not factorised as one ``s n x s n``
+    matrix: the eigen-decomposition of ``A^{-1}`` splits it into one ``n x n`` system a real
+    eigenvalue and one complex one a conjugate pair (Hairer & Wanner, *Solving ODEs II*, IV.8). ``y1 = y0 + sum_j d_j Z_j`` with ``d = b A^{-1}``. Dense output is the
     collocation polynomial through ``y0`` and the stage values (these methods are collocation methods).
     """
 
