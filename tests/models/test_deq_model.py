@@ -45,7 +45,7 @@ def test_deq_learns_rings(backward):
     deq = DEQ(TanhCell(h), backward=backward, norm="spectral", rtol=1e-4, atol=1e-6, max_steps=40)
     model = nn.Sequential(nn.Linear(2, h), deq, nn.Linear(h, 2))
     acc = train(model, x, y)
-    assert acc >= 0.95, acc
+    assert acc >= 0.98, acc
     assert deq.last_info.result.all_converged
 
 
@@ -54,7 +54,7 @@ def test_monotone_deq_learns_rings():
     x, y = rings()
     model = nn.Sequential(MonotoneDEQ(2, 16, rtol=1e-4, atol=1e-6, max_steps=60), nn.Linear(16, 2))
     acc = train(model, x, y, steps=200)
-    assert acc >= 0.95, acc
+    assert acc >= 0.98, acc
 
 
 def test_monotone_deq_unique_equilibrium():
