@@ -245,6 +245,8 @@ def _build(sde, y0, ts, bm, method, dt, adaptive, rtol, atol, dt_min, options, n
     # noise channels
     if bm is not None and getattr(bm, "shape", None) is not None and len(tuple(bm.shape)) >= 1:
         m = tuple(bm.shape)[-1]
+    elif sde.noise_type in ("diagonal", "scalar"):
+        m = y0.shape[-1] if sde.noise_type == "diagonal" else 1
     elif g is not None:
         with torch.no_grad():
             g0 = g(ts[0], y0)
