@@ -386,6 +386,8 @@ class _StochasticAdjoint(torch.autograd.Function):
         run = ctx.run
         params, terms, ts = run["params"], run["terms"], run["ts"]
         drift, diffusion = terms.terms
+        if run["ito"]:
+            drift = _ItoToStratonovich(drift, diffusion)
         shape = tuple(ys.shape[1:])
         n = ys[0].numel()
         aug = stratonovich_adjoint_terms(drift, diffusion, params, None, shape)
@@ -403,6 +405,29 @@ class _StochasticAdjoint(torch.autograd.Function):
                 off += p.numel()
         grads = [g.reshape(p.shape).to(p.dtype) for g, p in zip(a_th, params)]
         return (None, a) + tuple(grads)
+
+
+class _ItoToStratonovich(ODETerm):
+    """The Stratonovich drift ``f - 1/2 g dg/dy`` of an Itô SDE with diagonal or scalar noise.
+
+    For diagonal noise (``g_i`` depending on ``y_i`` only) the Jacobian of ``g`` is diagonal, so the
+    vector-Jacobian product ``(dg/dy)^T g`` computed by autograd is the needed ``g_i dg_i/dy_i``.
+    """
+
+    def __init__(self, drift, diffusion):
+        self.drift, self.diffusion = drift, diffusion
+        super().__init__(self._corrected)
+
+    def _corrected(self, t, y, args):
+        f = self.drift.vf(t, y, args)
+        with torch.enable_grad():
+            y_ = y if y.requires_grad else y.detach().requires_grad_(True)
+            g = self.diffusion.vf(t, y_, args)
+            gv = g[..., 0] if self.diffusion.noise == "scalar" else g
+            if not gv.requires_grad:
+                return f
+            (dg,) = torch.autograd.grad(gv, y_, gv, create_graph=True, allow_unused=True)
+        return f if dg is None else f - 0.5 * dg
 
 
 def _stochastic_adjoint(sde, y0, ts, bm, method, dt, adaptive, rtol, atol, dt_min, options, names, logqp, extra,
@@ -426,7 +451,8 @@ def _stochastic_adjoint(sde, y0, ts, bm, method, dt, adaptive, rtol, atol, dt_mi
         return solve(aug, back_solver, t_from, t_to, z, dt0=-min(dt, t_from - t_to), controller=c,
                      max_steps=None).ys[-1]
 
-    run = {"forward": forward, "backward": backward, "params": params, "terms": terms, "ts": ts}
+    run = {"forward": forward, "backward": backward, "params": params, "terms": terms, "ts": ts,
+           "ito": sde.sde_type == "ito" and sde.noise_type != "additive"}
     ys = _StochasticAdjoint.apply(run, y0a, *params)
     return _finish(ys, y0.shape, logqp, extra)
 
@@ -439,10 +465,11 @@ def sdeint_adjoint(sde, y0, ts, bm=None, method="reversible_heun", adjoint_metho
 
     ``method="reversible_heun"`` (with ``adjoint_method`` None or ``"adjoint_reversible_heun"``) uses
     :class:`nde.ReversibleAdjoint`: exact gradients of the discretised solve with O(1) memory in the
-    number of steps. Other Stratonovich methods use the stochastic adjoint (Li et al. 2020): the
-    adjoint SDE is solved backwards on the same Brownian path (O(1) memory; gradients converge to the
-    discrete ones as ``dt -> 0``). Itô methods use :class:`nde.CheckpointAdjoint` (exact gradients of
-    the discretisation with checkpointed memory). ``adjoint_params`` are the tensors to differentiate;
+    number of steps. Other methods use the stochastic adjoint (Li et al. 2020): the adjoint SDE is
+    solved backwards on the same Brownian path (O(1) memory; gradients converge to the discrete ones as
+    ``dt -> 0``); Itô SDEs with diagonal, scalar or additive noise are converted to Stratonovich form
+    for it. Itô SDEs with general noise use :class:`nde.CheckpointAdjoint` (exact gradients of the
+    discretisation with checkpointed memory). ``adjoint_params`` are the tensors to differentiate;
     by default the parameters of ``sde`` (when it is an ``nn.Module``).
 
     Kidger, Foster, Li & Lyons (2021), "Efficient and accurate gradients for neural SDEs", NeurIPS;
@@ -459,8 +486,9 @@ def sdeint_adjoint(sde, y0, ts, bm=None, method="reversible_heun", adjoint_metho
     if method == "reversible_heun" and adjoint_method in (None, "adjoint_reversible_heun"):
         adjoint = ReversibleAdjoint(params=params)
     else:
-        kind = getattr(_Renamed(sde, names) if names else sde, "sde_type", None)
-        if kind == "stratonovich":
+        view = _Renamed(sde, names) if names else sde
+        kind, noise = getattr(view, "sde_type", None), getattr(view, "noise_type", None)
+        if kind == "stratonovich" or (kind == "ito" and noise in ("diagonal", "scalar", "additive")):
             return _stochastic_adjoint(sde, y0, ts, bm, method, dt, adaptive, rtol, atol, dt_min, options, names,
                                        logqp, extra, params or [])
         adjoint = CheckpointAdjoint(params=params)
