@@ -180,6 +180,16 @@ def main(repeats=5, steps=100):
     print(f"Reversible Heun + reversible adjoint, {steps} steps")
     print(f"{'nde (ReversibleAdjoint)':55s} {t_nde * 1e3:10.1f}   ratio to torchsde {t_nde / t_tsr:.2f}")
     print(f"{'torchsde (sdeint_adjoint, adjoint_reversible_heun)':55s} {t_tsr * 1e3:10.1f}")
+    def adj(lib, n):
+        def run():
+            ys = lib.sdeint_adjoint(ssde, y0, ts, method="midpoint", dt=1.0 / n)
+            ys[-1].pow(2).sum().backward()
+            params_zero(ssde)
+        return run
+
+    t_na, t_ta = interleaved([adj(nde, steps), adj(torchsde, steps)], max(3, repeats // 3))
+    print(f"{'nde.sdeint_adjoint midpoint (stochastic adjoint)':55s} {t_na * 1e3:10.1f}   ratio to torchsde {t_na / t_ta:.2f}")
+    print(f"{'torchsde.sdeint_adjoint midpoint':55s} {t_ta * 1e3:10.1f}")
     m100, m1000 = peak(nde_rev(100)), peak(nde_rev(1000))
     print(f"nde peak autograd memory: 100 steps {m100 / 2**20:.2f} MiB, 1000 steps {m1000 / 2**20:.2f} MiB, "
           f"ratio {m1000 / m100:.2f}")
