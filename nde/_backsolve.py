@@ -48,7 +48,8 @@ class BacksolveAdjoint(AbstractAdjoint):
         Solver of the backward solve; None takes the forward solver (``Tsit5`` when that is a reversible
         solver, whose stability region suits the dissipative adjoint system poorly).
     norm:
-        ``"seminorm"`` (default) or ``"rms"`` (all channels, including the parameter adjoints).
+        ``"seminorm"`` (default) or ``"rms"`` (all channels, including the parameter adjoints). With an
+        implicit backward solver the RMS norm is used, since its stage iterations need it.
     params:
         Optional tensors to differentiate, for vector fields that are not ``nn.Module`` s and whose
         parameters cannot be found by inspection (closures, globals and ``args`` are inspected).
@@ -90,7 +91,7 @@ class BacksolveAdjoint(AbstractAdjoint):
         runner = _BacksolveRunner(self, problem, params, t_in)
         return run_with_function(runner, problem, function_inputs(t_in, params))
 
-    def backward_controller(self, problem, n_head):
+    def backward_controller(self, problem, n_head, solver=None):
         c = problem.controller
         if isinstance(c, ConstantStepSize):
             return ConstantStepSize(), abs(problem.dt0)
@@ -103,7 +104,10 @@ class BacksolveAdjoint(AbstractAdjoint):
             c.atol = self.atol
         if isinstance(c.atol, torch.Tensor):
             c.atol = float(c.atol.max())
-        c.norm = _rms_head(n_head) if self.norm == "seminorm" else None
+        # implicit solvers iterate their stages to a tolerance measured in the whole state: leaving the
+        # parameter channels out of the error control leaves them unconverged, so they keep the RMS norm
+        semi = self.norm == "seminorm" and not getattr(solver, "implicit", False)
+        c.norm = _rms_head(n_head) if semi else None
         return c, None
 
     def __repr__(self):
@@ -114,16 +118,21 @@ def augmented_field(terms, params, args, shape, n):
     """``(t, z) -> dz/dt`` of the augmented state ``z = [y, a, a_theta]`` (flat)."""
 
     def f(t, z):
+        # differentiable in z only when asked (an implicit solver's Newton Jacobian): then second
+        # derivatives of the vector field are recorded
+        diff = torch.is_grad_enabled() and z.requires_grad
         y = z[:n].reshape(shape)
         a = z[n:2 * n].reshape(shape)
         with torch.enable_grad():
-            y_ = y.detach().requires_grad_(True)
+            y_ = y if diff else y.detach().requires_grad_(True)
             fy = terms.ode(t, y_, args)
             if fy.requires_grad:
-                gr = torch.autograd.grad(fy, [y_] + params, -a, allow_unused=True)
+                gr = torch.autograd.grad(fy, [y_] + params, -a, allow_unused=True, create_graph=diff)
             else:
                 gr = [None] * (1 + len(params))
-        parts = [fy.detach().reshape(-1), (gr[0] if gr[0] is not None else torch.zeros_like(y)).reshape(-1)]
+        if not diff:
+            fy = fy.detach()
+        parts = [fy.reshape(-1), (gr[0] if gr[0] is not None else torch.zeros_like(y)).reshape(-1)]
         for prm, g in zip(params, gr[1:]):
             parts.append(torch.zeros(prm.numel(), dtype=z.dtype, device=z.device) if g is None else g.reshape(-1).to(z.dtype))
         return torch.cat(parts)
@@ -169,7 +178,7 @@ class _BacksolveRunner:
             from nde.solvers.rk import Tsit5
 
             solver = Tsit5()
-        controller, dt0 = self.adj.backward_controller(p, 2 * n)
+        controller, dt0 = self.adj.backward_controller(p, 2 * n, solver)
         f = augmented_field(p.terms, self.params, p.args, shape, n)
         y = rec.y if rec.y is not None else y0
         a = torch.zeros_like(y0)

@@ -182,3 +182,21 @@ def test_binomial_schedule_recomputation_bound():
             r += 1
         assert advances <= r * n
     assert default_checkpoints(1000) == 45
+
+
+def test_backsolve_with_an_implicit_solver():
+    from nde.solvers import Kvaerno5
+
+    A = torch.tensor([[-2.0, 1.0], [-1.0, -3.0]], dtype=torch.float64, requires_grad=True)
+    y0 = torch.tensor([1.0, 0.5], dtype=torch.float64, requires_grad=True)
+
+    def f(t, y):
+        return A @ y + 0.1 * torch.sin(t)
+
+    ctrl = nde.PIDController(rtol=1e-8, atol=1e-10)
+    res = []
+    for solver, adj in ((Tsit5(), nde.DirectAdjoint()), (Kvaerno5(), nde.BacksolveAdjoint())):
+        sol = nde.solve(f, solver, 0.0, 2.0, y0, adjoint=adj, saveat=nde.SaveAt(ts=[0.5, 1.0, 2.0]), controller=ctrl)
+        g = torch.autograd.grad((sol.ys**2).sum(), [y0, A])
+        res.append(torch.cat([x.flatten() for x in g]))
+    assert _rel(res[1], res[0]) < 1e-6
