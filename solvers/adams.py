@@ -86,7 +86,8 @@ class AdamsBashforthMoulton(AbstractSolver):
     corrector (the default corrector tolerances stop earlier, which gives about 4). A long history
     makes the explicit variant's stability region tiny: with ``implicit=False`` prefer ``max_order=5``
     unless the steps are very small. Fixed steps; the history is kept in
-    the solver state and non-uniform nodes (a shortened last step) get recomputed coefficients.
+    the solver state (per sample in independent batch mode) and non-uniform nodes (a shortened last
+    step) get recomputed coefficients.
     Dense output: cubic Hermite.
 
     Hairer, Nørsett & Wanner, *Solving Ordinary Differential Equations I* (1993), III.1; Bashforth &
@@ -106,7 +107,6 @@ class AdamsBashforthMoulton(AbstractSolver):
     """
 
     error_order = None
-    supports_independent = False
 
     def __init__(self, implicit=True, max_order=_MAX_ORDER, max_iters=4, rtol=1e-7, atol=1e-9):
         if not isinstance(max_order, int) or not 4 <= max_order <= _MAX_ORDER:
@@ -131,13 +131,13 @@ class AdamsBashforthMoulton(AbstractSolver):
         return f"{type(self).__name__}(implicit={self.implicit}, max_order={self.max_order})"
 
     def init(self, terms, t0, t1, y0, args):
-        return {"ts": [], "fs": [], "next": None}, 0
+        if isinstance(t0, float):
+            return {"ts": [], "fs": [], "next": None}, 0
+        return _batch_history(terms, t0, y0, args, self.max_order - 1)
 
     def step(self, terms, t0, t1, y0, args, solver_state):
         if not isinstance(t0, float):
-            raise ValueError(
-                f"{type(self).__name__} keeps one history for the whole batch: use batch_mode='joint'."
-            )
+            return self._step_batch(terms, t0, t1, y0, args, solver_state)
         f = terms.ode
         dt = t1 - t0
         st = solver_state if solver_state is not None else {"ts": [], "fs": [], "next": None}
@@ -190,6 +190,57 @@ class AdamsBashforthMoulton(AbstractSolver):
         dense_info = {"y0": y0, "y1": y1, "f0": f0, "state": new_state}
         return y1, None, dense_info, new_state, nfe
 
+    def _step_batch(self, terms, t0, t1, y0, args, st):
+        """Independent mode: per-sample histories in fixed-size buffers; coefficients from batched solves."""
+        f = terms.ode
+        B, H = y0.shape[0], self.max_order - 1
+        pad = (1,) * (y0.dim() - 1)
+        t0f, t1f = t0.reshape(B).to(torch.float64), t1.reshape(B).to(torch.float64)
+        dt = t1f - t0f
+        dtb = dt.to(y0.dtype).reshape((B,) + pad)
+        f0 = st["next_f"]
+        ts, fs, count, nodes = _push_history(st, t0f, f0, dt, H)
+        nfe = 0
+        start = count < 3
+        y_rk = None
+        if bool(start.any()):
+            # Kutta's 3/8 rule while fewer than three values are stored
+            tt0 = t0.to(y0.dtype)
+            dt_y = dtb
+            k2 = f(tt0 + dt_y / 3, y0 + f0 * (dt_y / 3), args)
+            k3 = f(tt0 + 2 * dt_y / 3, y0 + (k2 - f0 / 3) * dt_y, args)
+            k4 = f(t1.to(y0.dtype), y0 + (f0 - k2 + k3) * dt_y, args)
+            y_rk = y0 + (f0 + 3 * (k2 + k3) + k4) * (dt_y * 0.125)
+            nfe += 3
+        beta = _batched_adams(nodes, count, table=_BASHFORTH)
+        dy = dtb * _weighted(beta, fs, y0)
+        if self.implicit:
+            m = _batched_adams(torch.cat([torch.ones_like(nodes[:, :1]), nodes], 1), count + 1, table=_MOULTON)
+            delta = dtb * _weighted(m[:, 1:], fs, y0)
+            m0 = m[:, 0].to(y0.dtype).reshape((B,) + pad)
+            tt1 = t1.to(y0.dtype)
+            done = start.clone()
+            for _ in range(self.max_iters):
+                f1 = f(tt1, y0 + dy, args)
+                nfe += 1
+                dy_new = dtb * m0 * f1 + delta
+                with torch.no_grad():
+                    tol = self.atol + self.rtol * torch.maximum(dy.abs(), dy_new.abs())
+                    conv = ((dy_new - dy).abs() / tol).reshape(B, -1).amax(1) < 1
+                dy = torch.where(done.reshape((B,) + pad), dy, dy_new)  # converged samples keep their value
+                done = done | conv
+                if bool(done.all()):
+                    break
+            # samples whose corrector did not converge drop their oldest value, as in joint mode
+            count = torch.where(done, count, (count - 1).clamp(min=1))
+        y1 = y0 + dy
+        if y_rk is not None:
+            y1 = torch.where(start.reshape((B,) + pad), y_rk, y1)
+        f1 = f(t1.to(y0.dtype), y1, args)
+        nfe += 1
+        new_state = {"ts": ts, "fs": fs, "count": count, "next_f": f1}
+        return y1, None, {"y0": y0, "y1": y1, "f0": f0, "f1": f1}, new_state, nfe
+
     @staticmethod
     def _kutta38(f, t0, dt, tt1, y0, f0, args):
         """Kutta's 3/8 rule; returns the increment and the number of new evaluations."""
@@ -211,14 +262,14 @@ class AdamsBashforthMoulton(AbstractSolver):
         return f1, 1
 
     def dense_eval(self, terms, args, t0, t1, dense_info, theta):
-        f1, n = self._f1(terms, args, t1, dense_info)
         d = dense_info
-        return _hermite(d["y0"], d["y1"], d["f0"], f1, t1 - t0, theta), n
+        f1, n = (d["f1"], 0) if "f1" in d else self._f1(terms, args, t1, d)
+        return _hermite(d["y0"], d["y1"], d["f0"], f1, _dt(t0, t1, d["y0"]), theta), n
 
     def dense_derivative(self, terms, args, t0, t1, dense_info, theta):
-        f1, n = self._f1(terms, args, t1, dense_info)
         d = dense_info
-        return _hermite_derivative(d["y0"], d["y1"], d["f0"], f1, t1 - t0, theta) + 0 * theta, n
+        f1, n = (d["f1"], 0) if "f1" in d else self._f1(terms, args, t1, d)
+        return _hermite_derivative(d["y0"], d["y1"], d["f0"], f1, _dt(t0, t1, d["y0"]), theta) + 0 * theta, n
 
 
 class ExplicitAdams(AdamsBashforthMoulton):
@@ -282,14 +333,7 @@ class AdaptiveAdams(AbstractSolver):
     def init(self, terms, t0, t1, y0, args):
         if isinstance(t0, float):
             return {"ts": [], "fs": [], "next": None}, 0
-        # independent mode: fixed-size per-sample buffers (most recent first) and a count of valid entries
-        B, H = y0.shape[0], self._order - 1
-        f0 = terms.ode(t0.to(y0.dtype), y0, args)
-        tb = t0.reshape(B).to(torch.float64)
-        return {
-            "ts": tb.new_zeros(B, H), "fs": y0.new_zeros((B, H) + tuple(y0.shape[1:])),
-            "count": torch.zeros(B, dtype=torch.long, device=y0.device), "next_t": tb.clone(), "next_f": f0,
-        }, 1
+        return _batch_history(terms, t0, y0, args, self._order - 1)
 
     def step(self, terms, t0, t1, y0, args, solver_state):
         if not isinstance(t0, float):
@@ -328,28 +372,20 @@ class AdaptiveAdams(AbstractSolver):
         pad = (1,) * (y0.dim() - 1)
         t0f, t1f = t0.reshape(B).to(torch.float64), t1.reshape(B).to(torch.float64)
         dt = t1f - t0f
-        dt_safe = torch.where(dt == 0, torch.ones_like(dt), dt)
         f0 = st["next_f"]  # f(t0, y0): carried from the last accepted step (or init)
-        ts = torch.cat([t0f.unsqueeze(1), st["ts"][:, :-1]], 1)
-        fs = torch.cat([f0.unsqueeze(1), st["fs"][:, :-1]], 1)
-        count = (st["count"] + 1).clamp(max=H)
-        nodes = (ts - t0f.unsqueeze(1)) / dt_safe.unsqueeze(1)  # (B, H), 0 and negative
+        ts, fs, count, nodes = _push_history(st, t0f, f0, dt, H)
         beta = _batched_adams(nodes, count)  # (B, H)
         moulton = _batched_adams(torch.cat([torch.ones_like(nodes[:, :1]), nodes], 1), count + 1)  # (B, H+1)
         dtb = dt.to(y0.dtype).reshape((B,) + pad)
 
-        def comb(coef, vals):
-            c = coef.to(y0.dtype).reshape(coef.shape + pad)
-            return (c * vals).sum(1)
-
-        y_pred = y0 + dtb * comb(beta, fs)
+        y_pred = y0 + dtb * _weighted(beta, fs, y0)
         tt1 = t1.to(y0.dtype)
         f_pred = f(tt1, y_pred, args)
-        y1 = y0 + dtb * comb(moulton, torch.cat([f_pred.unsqueeze(1), fs], 1))
+        y1 = y0 + dtb * _weighted(moulton, torch.cat([f_pred.unsqueeze(1), fs], 1), y0)
         f1 = f(tt1, y1, args)
         with torch.no_grad():
             y_err = y1 - y_pred
-        new_state = {"ts": ts, "fs": fs, "count": count, "next_t": t1f, "next_f": f1}
+        new_state = {"ts": ts, "fs": fs, "count": count, "next_f": f1}
         dense_info = {"y0": y0, "y1": y1, "f0": f0, "f1": f1}
         return y1, y_err, dense_info, new_state, 2
 
@@ -367,12 +403,56 @@ def _dt(t0, t1, y):
     return dt if isinstance(dt, float) else dt.to(y.dtype)
 
 
-def _batched_adams(nodes, count):
+def _batch_history(terms, t0, y0, args, H):
+    """Independent-mode state: fixed-size per-sample buffers (most recent first), a count of valid
+    entries, and ``f(t0, y0)``; ``(state, nfe)``."""
+    B = y0.shape[0]
+    tb = t0.reshape(B).to(torch.float64)
+    return {
+        "ts": tb.new_zeros(B, H), "fs": y0.new_zeros((B, H) + tuple(y0.shape[1:])),
+        "count": torch.zeros(B, dtype=torch.long, device=y0.device), "next_f": terms.ode(t0.to(y0.dtype), y0, args),
+    }, 1
+
+
+def _push_history(st, t0f, f0, dt, H):
+    """The history with ``(t0, f0)`` in front, the new counts, and the nodes ``(t_j - t0) / dt``."""
+    ts = torch.cat([t0f.unsqueeze(1), st["ts"][:, :-1]], 1)
+    fs = torch.cat([f0.unsqueeze(1), st["fs"][:, :-1]], 1)
+    count = (st["count"] + 1).clamp(max=H)
+    dt_safe = torch.where(dt == 0, torch.ones_like(dt), dt)  # finished samples take zero steps
+    return ts, fs, count, (ts - t0f.unsqueeze(1)) / dt_safe.unsqueeze(1)
+
+
+def _weighted(coef, vals, y):
+    """``sum_j coef[:, j] vals[:, j]`` for per-sample coefficients ``(B, m)`` and values ``(B, m, ...)``."""
+    c = coef.to(y.dtype).reshape(coef.shape + (1,) * (y.dim() - 1))
+    return (c * vals).sum(1)
+
+
+def _batched_adams(nodes, count, table=None):
     """``int_0^1 L_j(u) du`` for every row of ``nodes`` (B, m), using its first ``count[b]`` nodes.
 
     Solves the moment equations ``sum_j beta_j u_j^p = 1 / (p + 1)``, ``p < count``; unused entries
-    get the identity, so their coefficients are zero.
+    get the identity, so their coefficients are zero. With ``table`` (the uniform-grid coefficients by
+    count), rows whose nodes are the uniform ones take the exact tabulated values instead.
     """
+    B, m = nodes.shape
+    solved = _moment_solve(nodes, count)
+    if table is None:
+        return solved
+    # uniform nodes are u_j = u_0 - j (u_0 = 0 for Bashforth, 1 for Moulton)
+    j = torch.arange(m, device=nodes.device, dtype=nodes.dtype)
+    valid = j.unsqueeze(0) < count.unsqueeze(1)
+    uniform = (((nodes - (nodes[:, :1] - j)).abs() <= 1e-9) | ~valid).all(1)
+    if not bool(uniform.any()):
+        return solved
+    rows = torch.zeros(len(table), m, dtype=nodes.dtype, device=nodes.device)
+    for k in range(1, min(len(table), m + 1)):
+        rows[k, :k] = torch.as_tensor(table[k], dtype=nodes.dtype)
+    return torch.where(uniform.unsqueeze(1), rows[count.clamp(max=len(table) - 1)], solved)
+
+
+def _moment_solve(nodes, count):
     B, m = nodes.shape
     p = torch.arange(m, device=nodes.device)
     valid = p.unsqueeze(0) < count.unsqueeze(1)  # (B, m)
