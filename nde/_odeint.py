@@ -303,7 +303,8 @@ class _GridSteps(ConstantStepSize):
 
 
 class _TrackedPID(PIDController):
-    """PIDController that accepts a per-element ``rtol`` and records the current step interval."""
+    """PIDController that accepts a per-element ``rtol``, records the current step interval, and
+    accepts a step of size ``dtmin`` whatever its error (``min_step`` semantics)."""
 
     def __init__(self, rtol, cell=None, **kw):
         super().__init__(rtol=rtol if isinstance(rtol, float) else 1.0, **kw)
@@ -316,6 +317,16 @@ class _TrackedPID(PIDController):
         if self._cell is not None:
             self._cell.a, self._cell.b = t0, out
         return out
+
+    def adapt_joint(self, t0, t1, y0, y1, y_err, state):
+        out = super().adapt_joint(t0, t1, y0, y1, y_err, state)
+        if out[0] or self.dtmin is None or not self.force_dtmin or t1 - t0 > self.dtmin * (1 + 1e-9):
+            return out
+        err = out[5]
+        prev1, _, q = state
+        jump = bool(self.jump_ts) and t1 in self.jump_ts
+        first = max(err, 1e-10) if math.isfinite(err) else 1.0
+        return True, t1, t1 + self._clip_dt(t1 - t0), jump, (first, prev1, q), err
 
 
 class _OneSided:
@@ -412,7 +423,7 @@ def _adaptive_setup(P, ours):
         factormin=ours.get("dfactor", 0.2), factormax=ours.get("ifactor", 10.0), safety=ours.get("safety", 0.9),
         step_ts=_times(step_t), jump_ts=_times(jump_t),
     )
-    if P.cell is not None or not isinstance(P.rtol, float):
+    if P.cell is not None or not isinstance(P.rtol, float) or min_step is not None:
         P.controller = _TrackedPID(P.rtol, cell=P.cell, **kw)
     else:
         P.controller = PIDController(rtol=P.rtol, **kw)

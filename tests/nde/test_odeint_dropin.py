@@ -404,3 +404,23 @@ def test_a_torchdiffeq_script_runs_unchanged():
     assert torch.allclose(a["grad_adjoint"], b["grad_adjoint"], rtol=1e-4)
     assert abs(float(a["event_t"]) - float(b["event_t"])) < 1e-6
     assert torch.allclose(a["ev_sol"], b["ev_sol"], atol=1e-6)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_options_with_a_discontinuity_both_directions(reverse):
+    """min_step accepts steps at the floor (no endless rejections); jump_t/step_t work backwards too."""
+
+    def f(t, y):
+        return torch.where(t < 0.5, torch.ones_like(y), -2 * torch.ones_like(y))
+
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    t = t.flip(0) if reverse else t
+    y0 = torch.zeros(1, dtype=F64)
+    exact = (-0.5 if not reverse else 0.5)
+    out = nde.odeint(f, y0, t, rtol=1e-8, atol=1e-8, options=dict(min_step=0.01, max_num_steps=500))
+    assert abs(float(out[-1]) - exact) < 0.05
+    for opts in (dict(jump_t=torch.tensor([0.5], dtype=F64)), dict(step_t=[0.5]), dict(first_step=0.01)):
+        ours = nde.odeint(f, y0, t, rtol=1e-8, atol=1e-8, options=opts)
+        theirs = torchdiffeq.odeint(f, y0, t, rtol=1e-8, atol=1e-8, options=opts)
+        assert abs(float(ours[-1]) - exact) < 1e-5
+        assert float((ours - theirs).abs().max()) < 1e-5
