@@ -7,8 +7,10 @@ Construction
 in chunks of cells from a generator seeded by ``(seed, chunk)``; their prefix sums give ``W`` and
 ``J(t) = int_{t0}^t W(r) dr`` on the cell grid. Inside a cell, ``W`` is refined by a canonical
 dyadic Brownian bridge: the two halves of a dyadic interval are drawn conditionally on the
-interval's ``(W, I)`` with noise seeded by ``(seed, cell, depth, index)``, down to ``depth``
-levels. Every value is therefore a fixed function of the seed: the same whatever the order of
+interval's ``(W, I)`` with noise from a counter-based generator (SplitMix64) keyed by
+``(seed, cell, depth, index)`` and the element's position, down to ``depth`` levels. Any subset of
+that noise can be drawn alone, so samples with their own times (independent batch mode) descend
+their own bridge paths in one vectorised pass and still see the same path as a joint query. Every value is therefore a fixed function of the seed: the same whatever the order of
 the queries, after cache evictions and in the backward pass. Query times are rounded to the
 grid of spacing ``dt / 2**depth``; on that grid the samples are exact.
 
@@ -39,6 +41,44 @@ def _mix(*xs) -> int:
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
         z = z ^ (z >> 31)
     return z & ((1 << 63) - 1)
+
+
+def _s64(c):
+    return c - (1 << 64) if c >= (1 << 63) else c
+
+
+_GAMMA, _C1, _C2 = _s64(0x9E3779B97F4A7C15), _s64(0xBF58476D1CE4E5B9), _s64(0x94D049BB133111EB)
+
+
+def _srl(x, s):
+    """Logical right shift of int64 tensors."""
+    return torch.bitwise_and(torch.bitwise_right_shift(x, s), (1 << (64 - s)) - 1)
+
+
+def _fmix(z):
+    z = torch.bitwise_xor(z, _srl(z, 30)) * _C1
+    z = torch.bitwise_xor(z, _srl(z, 27)) * _C2
+    return torch.bitwise_xor(z, _srl(z, 31))
+
+
+def _tmix(*xs):
+    """:func:`_mix` on int64 tensors (elementwise; wrapping arithmetic), as a signed int64."""
+    z = None
+    for x in xs:
+        if z is None:
+            z = torch.as_tensor(_GAMMA, dtype=torch.int64)
+        z = _fmix(torch.bitwise_xor(z, torch.as_tensor(x, dtype=torch.int64)) + _GAMMA)
+    return z
+
+
+def _hash_normal(key, counter):
+    """Standard normals indexed by ``(key, counter)`` (int64 tensors, broadcast): SplitMix64 streams
+    ``key + i * gamma`` give two uniforms per normal (Box--Muller). Any subset of the numbers can be
+    drawn on its own and gets the same values."""
+    c2 = counter * 2
+    u1 = (_srl(_fmix(key + c2 * _GAMMA), 11).to(torch.float64) + 0.5) * 2.0**-53
+    u2 = _srl(_fmix(key + (c2 + 1) * _GAMMA), 11).to(torch.float64) * 2.0**-53
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2 * math.pi) * u2)
 
 
 def _bridge_matrices():
@@ -323,16 +363,16 @@ class BrownianInterval(AbstractPath):
         return d["W"][i], (None if d["I"] is None else d["I"][i])
 
     # ---- bridge inside a cell -------------------------------------------------------------
-    def _children(self, k, d, idx, parent, width):
-        key = (k, d + 1, 2 * idx)
-        left = self._nodes.get(key)
-        right = self._nodes.get((k, d + 1, 2 * idx + 1))
-        if left is not None and right is not None:
-            return left, right
-        W, I = parent
-        z = self._normal(2 if self._levy else 1, _mix(self.seed, 2, k, d, idx)).double()
+    def _node_key(self, k, d, idx):
+        return _tmix(self.seed & ((1 << 63) - 1), 2, k, d, idx)
+
+    def _split(self, W, I, z, width):
+        """The two halves ``((W, I), (W, I))`` of an interval of ``width`` given its ``(W, I)`` and noise ``z``.
+
+        ``width`` is a float, or a tensor broadcasting against ``W`` (one width per row)."""
         if self._levy:
-            sw, si = math.sqrt(width), width**1.5
+            sw = width**0.5
+            si = width**1.5
             # rows of [M | L] rescaled to physical units: child = a W + b I + c z0 + e z1
             scale = (sw, si, sw, si)
             src = (W, I, z[0], z[1])
@@ -341,18 +381,28 @@ class BrownianInterval(AbstractPath):
             for r in range(4):
                 acc = None
                 for q in range(4):
-                    coef = self._bridge[r][q] * units[q] * scale[r]
-                    if coef == 0.0:
+                    if self._bridge[r][q] == 0.0:
                         continue
-                    acc = src[q] * coef if acc is None else torch.add(acc, src[q], alpha=coef)
+                    term = src[q] * (self._bridge[r][q] * units[q] * scale[r])
+                    acc = term if acc is None else acc + term
                 out.append(acc)
-            left = (out[0], out[1])
-            right = (out[2], out[3])
-        else:
-            half = 0.5 * W
-            noise = z[0] * (0.5 * math.sqrt(width))
-            left = (half + noise, None)
-            right = (half - noise, None)
+            return (out[0], out[1]), (out[2], out[3])
+        half = 0.5 * W
+        noise = z[0] * (0.5 * width**0.5)
+        return (half + noise, None), (half - noise, None)
+
+    def _children(self, k, d, idx, parent, width):
+        key = (k, d + 1, 2 * idx)
+        left = self._nodes.get(key)
+        right = self._nodes.get((k, d + 1, 2 * idx + 1))
+        if left is not None and right is not None:
+            return left, right
+        W, I = parent
+        ncomp = 2 if self._levy else 1
+        numel = max(1, math.prod(self.shape))
+        counter = torch.arange(ncomp * numel, dtype=torch.int64, device=self.device)
+        z = _hash_normal(self._node_key(k, d, idx).to(self.device), counter).reshape((ncomp,) + self.shape)
+        left, right = self._split(W, I, z, width)
         self._nodes.put(key, left)
         self._nodes.put((k, d + 1, 2 * idx + 1), right)
         return left, right
@@ -483,17 +533,71 @@ class BrownianInterval(AbstractPath):
                     off = torch.where(k == self.n_cells, torch.full_like(i, 0, dtype=torch.float64) + d["len"],
                                       i.to(torch.float64) * self.dt).unsqueeze(-1)
                     outJ[r] = js.reshape(B, rest)[r] + off * ws.reshape(B, rest)[r] + d["PJ"].reshape(n, B, rest)[i, r]
-        groups = {}
-        for b, loc in enumerate(locs):
-            if loc[1] != 0:
-                groups.setdefault(loc, []).append(b)
-        for (k, j, t), rows in groups.items():
-            r = torch.tensor(rows, device=self.device)
-            W, J = self._point(k, j, t)
-            outW[r] = W.reshape(B, rest)[r]
-            if self._levy:
-                outJ[r] = J.reshape(B, rest)[r]
+        off = [b for b, loc in enumerate(locs) if loc[1] != 0]
+        if off:
+            self._inside_rows(off, locs, B, rest, outW, outJ)
         return outW, outJ, times
+
+    def _inside_rows(self, rows, locs, B, rest, outW, outJ):
+        """Off-grid point values of the given rows, every row descending its own bridge path at once.
+
+        Row ``r`` of a node's noise is the same as in the full-shape draw of :meth:`_children`
+        (counter ``component * numel + r * rest + e``), so the values equal the joint ones."""
+        dev = self.device
+        R = len(rows)
+        r = torch.tensor(rows, device=dev)
+        k = torch.tensor([locs[b][0] for b in rows], dtype=torch.int64, device=dev)
+        j = torch.tensor([locs[b][1] for b in rows], dtype=torch.int64, device=dev)
+        t = torch.tensor([locs[b][2] for b in rows], dtype=torch.float64, device=dev).unsqueeze(-1)
+        # grid values at the cell starts and the cells' own (W, I)
+        base_W, base_J, cell_W, cell_I = (torch.empty((R, rest), dtype=torch.float64, device=dev) for _ in range(4))
+        last = (self.n_cells - 1) // self._chunk
+        chunks = torch.clamp(k // self._chunk, max=last)
+        for c in torch.unique(chunks).tolist():
+            sel = (chunks == c).nonzero().flatten()
+            d = self._chunk_data(c, prefix=True)
+            ws, js = self._start_of_chunk(c)
+            i = k[sel] - d["start"]
+            rr = r[sel]
+            n = d["PW"].shape[0]
+            wsr = ws.reshape(B, rest)[rr]
+            base_W[sel] = wsr + d["PW"].reshape(n, B, rest)[i, rr]
+            cell_W[sel] = d["W"].reshape(n - 1, B, rest)[i, rr]
+            if self._levy:
+                offt = (i.to(torch.float64) * self.dt).unsqueeze(-1)
+                base_J[sel] = js.reshape(B, rest)[rr] + offt * wsr + d["PJ"].reshape(n, B, rest)[i, rr]
+                cell_I[sel] = d["I"].reshape(n - 1, B, rest)[i, rr]
+        widths = torch.full((R, 1), self.dt, dtype=torch.float64, device=dev)
+        widths[k == self.n_cells - 1] = self._cell_width(self.n_cells - 1)
+        starts = self._t0 + k.to(torch.float64).unsqueeze(-1) * self.dt
+        D = self.depth
+        ncomp = 2 if self._levy else 1
+        numel = max(1, math.prod(self.shape))
+        counters = (torch.arange(ncomp, dtype=torch.int64, device=dev).reshape(1, ncomp, 1) * numel
+                    + r.reshape(R, 1, 1) * rest + torch.arange(rest, dtype=torch.int64, device=dev).reshape(1, 1, rest))
+        nodeW, nodeI = cell_W, (cell_I if self._levy else None)
+        accW = torch.zeros_like(cell_W)
+        accI = torch.zeros_like(cell_W) if self._levy else None
+        idx = torch.zeros_like(k)
+        for d in range(D):
+            active = j != (idx << (D - d))
+            if not bool(active.any()):
+                break
+            key = self._node_key(k, d, idx)
+            z = _hash_normal(key.reshape(R, 1, 1), counters).transpose(0, 1)
+            w = widths / (1 << d)
+            (lW, lI), (rW, rI) = self._split(nodeW, nodeI, z, w)
+            bit = ((j >> (D - d - 1)) & 1).bool() & active
+            m = bit.unsqueeze(-1)
+            if self._levy:
+                accI = torch.where(m, accI + (w / 2) * accW + lI, accI)
+                nodeI = torch.where(m, rI, lI)
+            accW = torch.where(m, accW + lW, accW)
+            nodeW = torch.where(m, rW, lW)
+            idx = torch.where(active, 2 * idx + bit.long(), idx)
+        outW[r] = base_W + accW
+        if self._levy:
+            outJ[r] = base_J + (t - starts) * base_W + accI
 
 
 def _lead(shape, B):
