@@ -169,7 +169,7 @@ class _JointTracker(_Tracker):
 
     def _c(self, tau, y):
         tt = torch.tensor(tau, dtype=self.ydtype, device=self.device)
-        return self.cond(tt, y).detach().reshape(-1)
+        return torch.as_tensor(self.cond(tt, y)).detach().reshape(-1)
 
     def _theta(self, x):
         return x.to(self.ydtype).reshape((1,) + (1,) * self.ydim)
@@ -224,22 +224,24 @@ class _JointTracker(_Tracker):
         nfe[0] += n
         y_d = y_d[0]
         t_ev = torch.tensor(t_d, dtype=torch.float64, device=self.device)
-        if not (torch.is_grad_enabled() and y_d.requires_grad):
+        if not torch.is_grad_enabled():
             return t_ev, y_d
         tt = torch.tensor(t_d, dtype=self.ydtype, device=self.device)
+        c_all = torch.as_tensor(self.cond(tt, y_d)).reshape(-1)
+        if not c_all.requires_grad:  # nothing the event time could depend on
+            return t_ev, y_d
         with torch.no_grad():
-            c_d = self.cond(tt, y_d).reshape(-1)
-            k = int(torch.where(crossed, sgn * c_d, torch.full_like(c_d, math.inf)).argmin())
+            k = int(torch.where(crossed, sgn * c_all.detach(), torch.full_like(c_all.detach(), math.inf)).argmin())
             ydot, n = self.slope(t_a, t_b, info, th)
             nfe[0] += n
 
         def comp(tau, y):
-            return self.cond(tau, y).reshape(-1)[k] * sgn[k]
+            return torch.as_tensor(self.cond(tau, y)).reshape(-1)[k] * sgn[k]
 
         D = _total_derivative(comp, tt, y_d, ydot[0])
         if D is None or not bool(torch.isfinite(D)) or float(D) == 0.0:
             return t_ev, y_d
-        g = comp(tt, y_d)
+        g = c_all[k] * sgn[k]
         t_ev = t_ev - (g - g.detach()).to(torch.float64) / D.to(torch.float64)
         theta_g = (t_ev - t_a) / dt
         y_ev, n = self.dense(t_a, t_b, info, self._theta(theta_g))
@@ -337,7 +339,7 @@ class _IndependentTracker(_Tracker):
         theta = _illinois(h, a, fa, b, fb, tol, converged)
         t_d = t_a + theta * (t_b - t_a)
         t_ev, y_ev = t_d, dense(theta)
-        if torch.is_grad_enabled() and y_ev.requires_grad:
+        if torch.is_grad_enabled():
             t_ev, y_ev = self._differentiable(t_a, t_b, info, theta, t_d, y_ev, crossed, sgn, any_c, dense)
         idx = widx[any_c]
         if self.event.terminal:
@@ -349,8 +351,11 @@ class _IndependentTracker(_Tracker):
 
     def _differentiable(self, t_a, t_b, info, theta, t_d, y_d, crossed, sgn, any_c, dense):
         tt = self._tb(t_d).to(self.ydtype)
+        c_all = self.cond(tt, y_d)
+        if not (isinstance(c_all, torch.Tensor) and c_all.requires_grad):
+            return t_d, y_d
         with torch.no_grad():
-            c_d = self._c(t_d, y_d)
+            c_d = c_all.detach().reshape(c_all.shape[0], -1)
             k = torch.where(crossed, sgn * c_d, torch.full_like(c_d, math.inf)).argmin(1, keepdim=True)
             ydot, _ = self.slope(self._tb(t_a), self._tb(t_b), info, self._tb(theta).to(self.ydtype))
             sk = sgn.gather(1, k).squeeze(1)
@@ -364,7 +369,7 @@ class _IndependentTracker(_Tracker):
             return t_d, y_d
         D = D.to(torch.float64)
         ok = any_c & torch.isfinite(D) & (D != 0)
-        g = comp(tt, y_d).to(torch.float64)
+        g = (c_all.reshape(c_all.shape[0], -1).gather(1, k).squeeze(1) * sk).to(torch.float64)
         corr = torch.where(ok, (g - g.detach()) / torch.where(ok, D, torch.ones_like(D)), torch.zeros_like(D))
         t_ev = t_d - corr
         theta_g = (t_ev - t_a) / torch.where(t_b > t_a, t_b - t_a, torch.ones_like(t_a))

@@ -198,3 +198,14 @@ def test_event_errors():
     with pytest.raises(ValueError, match="one value per sample"):
         nde.solve(lambda t, y: -y, nde.solvers.Tsit5(), 0.0, 1.0, torch.ones(3, 2, dtype=F64), batch_mode="independent",
                   event=Event(lambda t, y: y.sum()))
+
+
+def test_event_time_gradient_through_a_learnable_threshold():
+    level = torch.tensor(0.3, dtype=F64, requires_grad=True)
+    y0 = torch.tensor([1.0, 0.0], dtype=F64)  # y0 itself needs no gradient
+    for mode, y in (("joint", y0), ("independent", y0.unsqueeze(0))):
+        cond = (lambda t, y, a: y[0] - level) if mode == "joint" else (lambda t, y, a: y[:, 0] - level)
+        sol = nde.solve(ball, nde.solvers.Tsit5(), 0.0, 5.0, y, controller=tight(), batch_mode=mode, event=Event(cond))
+        (g,) = torch.autograd.grad(sol.event_t.sum(), (level,))
+        # t* = sqrt(2 (1 - level) / G)
+        assert abs(float(g) - (-1 / math.sqrt(2 * G * (1 - 0.3)))) < 1e-6
