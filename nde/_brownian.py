@@ -31,8 +31,8 @@ from ._path import AbstractPath
 _MASK64 = (1 << 64) - 1
 
 
-def _mix(*xs) -> int:
-    """A 63-bit hash of integers (splitmix64 finaliser chained over the inputs)."""
+def _mix(*xs, bits=63) -> int:
+    """A ``bits``-bit hash of integers (splitmix64 finaliser chained over the inputs)."""
     z = 0x9E3779B97F4A7C15
     for x in xs:
         z = (z ^ (int(x) & _MASK64)) & _MASK64
@@ -40,7 +40,7 @@ def _mix(*xs) -> int:
         z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
         z = z ^ (z >> 31)
-    return z & ((1 << 63) - 1)
+    return z & ((1 << bits) - 1)
 
 
 def _s64(c):
@@ -364,7 +364,11 @@ class BrownianInterval(AbstractPath):
 
     # ---- bridge inside a cell -------------------------------------------------------------
     def _node_key(self, k, d, idx):
-        return _tmix(self.seed & ((1 << 63) - 1), 2, k, d, idx)
+        seed = self.seed & ((1 << 63) - 1)
+        if isinstance(k, int):
+            # the same arithmetic on Python integers: much cheaper than a dozen 0-d tensor operations
+            return torch.tensor(_s64(_mix(seed, 2, k, d, idx, bits=64)), dtype=torch.int64)
+        return _tmix(seed, 2, k, d, idx)
 
     def _split(self, W, I, z, width):
         """The two halves ``((W, I), (W, I))`` of an interval of ``width`` given its ``(W, I)`` and noise ``z``.
