@@ -75,7 +75,7 @@ def _drift_vf(drift, t, y, args):
         if isinstance(term, _ReversedTime):
             v = -v
         out = v if out is None else out + v
-    return out
+    return torch.zeros_like(y) if out is None else out
 
 
 def _levy(term, t0, t1):
