@@ -181,3 +181,17 @@ def test_heun_and_midpoint_still_solve_odes():
         errs = [abs(nde.solve(ODETerm(lambda t, y: -y), solver, 0.0, 1.0, y0, dt0=h).ys[-1].item() - math.exp(-1))
                 for h in (0.1, 0.05, 0.025)]
         assert abs(_slope([0.1, 0.05, 0.025], errs) - 2.0) < 0.2
+
+
+@pytest.mark.parametrize("solver", [S.SRA1(), S.ShARK(), S.SRID2(), S.Milstein(), S.EulerMaruyama(), S.Heun(),
+                                    S.EulerHeun(), S.Midpoint()], ids=repr)
+def test_pure_diffusion_sums_the_increments(solver):
+    # dy = dW (no drift term): every method returns W(1) - W(0), forwards and backwards in time
+    bm = BrownianInterval(0.0, 1.0, (4, 2), seed=0, dtype=DT, levy_area="space-time", dt=0.1)
+    additive = isinstance(solver, (S.SRA1, S.ShARK))
+    g = (lambda t, y: torch.diag_embed(torch.ones_like(y))) if additive else (lambda t, y: torch.ones_like(y))
+    term = ControlTerm(g, bm, noise="additive" if additive else "diagonal")
+    y = nde.solve(term, solver, 0.0, 1.0, torch.zeros(4, 2, dtype=DT), dt0=0.1).ys[-1]
+    torch.testing.assert_close(y, bm.evaluate(0.0, 1.0), rtol=0, atol=1e-12)
+    y = nde.solve(term, solver, 1.0, 0.0, torch.zeros(4, 2, dtype=DT), dt0=-0.1).ys[-1]
+    torch.testing.assert_close(y, bm.evaluate(1.0, 0.0), rtol=0, atol=1e-12)
