@@ -23,11 +23,10 @@ from ._interpolation import (
 from ._brownian import BrownianInterval
 from ._odeint import odeint, odeint_adjoint, odeint_event
 from ._reversible_adjoint import ReversibleAdjoint
-from ._cdeint import cdeint
 from . import symbolic
 from .symbolic import SymbolicModel, distill, sample_vector_field
-
-from ._sdeint import sdeint, sdeint_adjoint
+from ._cdeint import cdeint
 from ._implicit import ImplicitAdjoint
+from ._sdeint import sdeint, sdeint_adjoint
 from ._deq import deq_fixed_point, implicit_vjp, jacobian_regularisation, spectral_radius
 from ._logsig import LogODETerm, logsig_windows, logsignature, logsignature_channels

@@ -157,7 +157,10 @@ class PIDController(AbstractController):
         f = terms.ode
         atol = self.atol.to(y0.dtype) if isinstance(self.atol, torch.Tensor) else self.atol
         joint = isinstance(t0, float)
-        tt0 = torch.tensor(t0, dtype=y0.dtype, device=y0.device) if joint else t0.to(y0.dtype)
+        if joint:
+            tt0 = torch.tensor(t0, dtype=y0.dtype, device=y0.device)
+        else:  # per-sample times, broadcastable against y0 as everywhere else in independent mode
+            tt0 = t0.to(y0.dtype).reshape(t0.shape + (1,) * (y0.dim() - t0.dim()))
         with torch.no_grad():
             f0 = f(tt0, y0, args)
             scale = y0.abs() * self.rtol + atol

@@ -12,7 +12,7 @@ from ._controllers import AbstractController, ConstantStepSize, PIDController, r
 from ._errors import SolveError
 from ._saveat import SaveAt
 from ._solution import RESULTS, DenseIndependent, DenseJoint, Solution
-from ._terms import AbstractTerm, ODETerm, reverse_time
+from ._terms import AbstractTerm, ODETerm, only_ode_terms, reverse_time
 
 _BATCH_MODES = ("joint", "independent")
 
@@ -543,17 +543,6 @@ def _tree_index(tree, idx, nb, bshape):
     return tree
 
 
-def _only_ode_terms(term):
-    if isinstance(term, ODETerm):
-        return True
-    if getattr(term, "term", None) is not None:
-        return _only_ode_terms(term.term)
-    subterms = getattr(term, "terms", None)
-    if subterms is not None:
-        return all(_only_ode_terms(x) for x in subterms)
-    return False
-
-
 def _integrate_independent(p: Problem) -> Solution:
     """Every sample its own time, step size, accept/reject and statistics.
 
@@ -606,7 +595,9 @@ def _integrate_independent(p: Problem) -> Solution:
     step_records = None
     # Finished samples are dropped from the working batch only when nothing per-sample can hide in
     # args or in control paths (those would need to be indexed too).
-    compactable = saveat.dense is False and args is None and _only_ode_terms(terms)
+    compactable = saveat.dense is False and args is None and only_ode_terms(terms)
+    jumps = getattr(controller, "jump_ts", None)
+    jump_tensor = torch.tensor(jumps, dtype=torch.float64, device=dev) if jumps else None
     dense = DenseIndependent(solver, terms, args, p.sign, y0, nb) if saveat.dense else None
 
     result = torch.zeros(B, dtype=torch.long, device=dev)
@@ -735,6 +726,10 @@ def _integrate_independent(p: Problem) -> Solution:
             result[widx[ev_hit]] = int(RESULTS.event_occurred)
         y = torch.where(tb(accept), y1, y)
         state = _tree_where(accept, new_state, state)
+        if jump_tensor is not None and bool((accept & torch.isin(tn, jump_tensor)).any()):
+            # a sample stepped onto a discontinuity: restart the solver state (no FSAL across it)
+            state, n = solver.init(terms, tb(torch.where(accept, tn, t)), tb(tend), y, args)
+            nfe[widx[active]] += n
         if on_accept is not None:
             on_accept(widx, accept, t, tn, y, state)
         t = torch.where(accept, tn, t)

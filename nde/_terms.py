@@ -303,3 +303,16 @@ def reverse_time(term: AbstractTerm) -> AbstractTerm:
     if isinstance(term, _ReversedTime):
         return term.term
     return _ReversedTime(term)
+
+
+def only_ode_terms(term) -> bool:
+    """Whether every leaf of ``term`` is an :class:`ODETerm` (no control path, no Brownian motion)."""
+    if isinstance(term, ODETerm):
+        return True
+    inner = getattr(term, "term", None)
+    if isinstance(inner, AbstractTerm):
+        return only_ode_terms(inner)
+    subterms = getattr(term, "terms", None)
+    if subterms is not None:
+        return all(only_ode_terms(x) for x in subterms)
+    return False

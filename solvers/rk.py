@@ -6,6 +6,8 @@ import numpy as np
 import torch
 
 from . import _tableaux as _T
+from nde._terms import only_ode_terms
+
 from .base import AbstractSolver
 
 
@@ -38,6 +40,7 @@ class ButcherTableau:
         )
         # Nonzero coefficients of every linear combination, as (indices, values) pairs.
         self._rows = [self._nonzero(r) for r in self.a]
+        self.ends = any(ci in (0.0, 1.0) for ci in self.c)
         self._sol = self._nonzero(self.b_sol[:-1] if self.fsal else self.b_sol)
         self._err = None if self.b_err is None else self._nonzero(self.b_err)
         self._cache = {}
@@ -61,6 +64,8 @@ class ButcherTableau:
                 "err": None if self._err is None else t(self._err[1]),
                 "dense": None if self.dense is None else torch.tensor(self.dense, dtype=dtype, device=device),
                 "c": torch.tensor(self.c, dtype=torch.float64, device=device),
+                "at0": torch.tensor([ci == 0.0 for ci in self.c], device=device),
+                "at1": torch.tensor([ci == 1.0 for ci in self.c], device=device),
             }
             self._cache[key] = out
         return out
@@ -114,6 +119,10 @@ class ExplicitRK(AbstractSolver):
         return None if t.b_err is None else t.embedded_order + 1
 
     def init(self, terms, t0, t1, y0, args):
+        if self.tableau.fsal and isinstance(t0, torch.Tensor) and t0.dim() > 0 and only_ode_terms(terms):
+            # independent batches: evaluate the first stage up front, so that the state always holds a
+            # valid first stage for every sample (the next step's, whether this one is accepted or not)
+            return [terms.ode(t0.to(y0.dtype), y0, args)], 1
         return [None], 0
 
     def step(self, terms, t0, t1, y0, args, solver_state):
@@ -125,12 +134,27 @@ class ExplicitRK(AbstractSolver):
         if not joint:
             dt = dt.to(y0.dtype)
         nfe = 0
-        k1 = solver_state[0] if solver_state is not None else None
+        ode_only = only_ode_terms(terms)
+        # the last stage is reused as the next first stage (FSAL) only for ODE terms: a control path may
+        # have a kink at the step's end, where the next step needs the derivative from the other side
+        k1 = solver_state[0] if solver_state is not None and ode_only else None
+        # Stages at the ends of the step see the vector field from inside the step: a control path
+        # with a kink at a step boundary contributes its one-sided derivative (1 ulp inside).
+        inside = tab.ends and not ode_only
         if joint:
             # one tensor op gives every stage time, in the dtype of the state
-            ts = torch.tensor([t0 + ci * dt for ci in tab.c], dtype=y0.dtype, device=y0.device).unbind()
+            ts = torch.tensor([t0 + ci * dt for ci in tab.c], dtype=y0.dtype, device=y0.device)
+            if inside:
+                ends = torch.tensor([t0, t1], dtype=y0.dtype, device=y0.device)
+                lo, hi = torch.nextafter(ends, ends.flip(0)).unbind()
+                ts = torch.where(co["at0"], lo, torch.where(co["at1"], hi, ts))
+            ts = ts.unbind()
         else:
             ts = [(t0 + ci * dt).to(y0.dtype) for ci in tab.c]
+            if inside:
+                a, b = ts[0], (t0 + dt).to(y0.dtype)
+                lo, hi = torch.nextafter(a, b), torch.nextafter(b, a)
+                ts = [lo if ci == 0.0 else hi if ci == 1.0 else x for ci, x in zip(tab.c, ts)]
         if k1 is None:
             k1 = f(ts[0], y0, args)
             nfe += 1
@@ -152,7 +176,7 @@ class ExplicitRK(AbstractSolver):
                 y_err = _combine(None, ks, tab._err, co["err"], dt)
         else:
             y_err = None
-        new_state = [ks[-1] if tab.fsal else None]
+        new_state = [ks[-1] if tab.fsal and ode_only else None]
         dense_info = {"y0": y0, "y1": y1, "k": ks, "state": new_state}
         return y1, y_err, dense_info, new_state, nfe
 

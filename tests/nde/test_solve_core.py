@@ -150,6 +150,8 @@ def test_independent_mode_step_counts_equal_solo_solves():
         solo = nde.solve(f, Tsit5(), 0.0, 2.0, y0[i:i + 1], args=mus[i:i + 1], controller=ctrl)
         assert int(batch.stats["num_steps"][i]) == solo.stats["num_steps"]
         assert int(batch.stats["num_accepted_steps"][i]) == solo.stats["num_accepted_steps"]
+        # the first-same-as-last stage is reused per sample: the same evaluations as alone
+        assert abs(int(batch.stats["nfe"][i]) - solo.stats["nfe"]) <= 1
         assert (batch.ys[-1, i] - solo.ys[-1, 0]).abs().max().item() < 1e-12
     assert int(batch.stats["num_steps"][0]) < joint.stats["num_steps"]
 
@@ -258,3 +260,47 @@ def test_float32_long_solve_time_does_not_drift():
     assert sol.stats["num_steps"] == 20000
     assert abs(float(sol.ts[-1]) - 1.0) == 0.0
     assert abs(float(sol.ys[-1]) - 1.0) < 1e-3
+
+
+# ---------------------------------------------------------------- control paths with kinks
+
+
+def _kinked_cde(n_knots):
+    # piecewise-linear control through random knots; dz = A z dX with scalar channel has the exact
+    # solution z(t) = exp(A (X(t) - X(0))) z0 whatever the kinks
+    g = torch.Generator().manual_seed(0)
+    t = torch.linspace(0, 1, n_knots, dtype=torch.float64)
+    x = torch.randn(n_knots, 1, generator=g, dtype=torch.float64).cumsum(0) * 0.3
+    path = nde.LinearInterpolation(nde.linear_interpolation_coeffs(x, t), t)
+    A = torch.tensor([[0.0, 1.0], [-1.0, -0.2]], dtype=torch.float64)
+    exact = torch.linalg.matrix_exp(A * float(x[-1, 0] - x[0, 0])) @ torch.tensor([1.0, 0.5], dtype=torch.float64)
+    return t, path, A, exact
+
+
+def test_fixed_steps_on_knots_of_a_kinked_path_keep_their_order():
+    # each step's end stages see the path's derivative from inside the step
+    t, path, A, exact = _kinked_cde(11)
+    term = nde.ControlTerm(lambda s, z, a: (z @ A.T).unsqueeze(-1), path)
+    z0 = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    errs = []
+    for m in (1, 2, 4):
+        sol = nde.solve(term, RK4(), 0.0, 1.0, z0, dt0=0.1 / m)
+        errs.append((sol.ys[-1] - exact).abs().max().item())
+    orders = [math.log2(errs[i] / errs[i + 1]) for i in range(2)]
+    assert min(orders) > 3.7, (errs, orders)
+
+
+def test_independent_mode_first_step_with_time_dependent_field():
+    # the automatic first step hands the vector field per-sample times shaped like everywhere else
+    y0 = torch.ones(3, 2, dtype=torch.float64)
+    seen = []
+
+    def f(t, y, args):
+        seen.append(tuple(t.shape))
+        return torch.cos(t) * y
+
+    sol = nde.solve(f, Tsit5(), 0.0, torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64), y0,
+                    controller=nde.PIDController(rtol=1e-8, atol=1e-8), batch_mode="independent")
+    assert all(len(s) == 2 and s[1] == 1 for s in seen) and (3, 1) in seen, set(seen)
+    expected = torch.exp(torch.sin(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)))[:, None].expand(3, 2)
+    assert (sol.ys[-1] - expected).abs().max().item() < 1e-6
