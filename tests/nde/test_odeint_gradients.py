@@ -18,7 +18,6 @@ ORDER = {"euler": 1, "midpoint": 2, "heun2": 2, "heun3": 3, "rk4": 4, "explicit_
          "fixed_adams": 4, "implicit_euler": 1, "implicit_midpoint": 2, "trapezoid": 2, "radauIIA3": 3,
          "radauIIA5": 5, "gl4": 4, "gl6": 6, "sdirk2": 2, "trbdf2": 2}
 DIFFERENTIABLE = [m for m in METHODS if m != "scipy_solver"]
-IMPLICIT = ("implicit_euler", "implicit_midpoint", "trapezoid", "radauIIA3", "radauIIA5", "gl4", "gl6", "sdirk2", "trbdf2")
 
 
 def available(method):
@@ -61,9 +60,9 @@ def test_gradcheck_odeint(method):
 def test_gradcheck_odeint_adjoint(method):
     """The continuous adjoint is exact up to the discretisation error of the backward solve."""
     available(method)
-    if method in IMPLICIT:
-        pytest.skip("BacksolveAdjoint's augmented vector field cannot be transformed by torch.func, which the "
-                    "implicit solvers use for their Newton Jacobians")
+    if method in ("trapezoid", "trbdf2"):
+        pytest.skip("BacksolveAdjoint with an explicit-first-stage (ESDIRK) backward solver gives parameter "
+                    "gradients about 4% off at step 0.02: to be fixed in the adjoint")
     step = 0.02 if ORDER.get(method, 5) <= 2 else 0.1
     A = A0.clone().requires_grad_(True)
 
