@@ -774,7 +774,7 @@ def _integrate_independent(p: Problem) -> Solution:
         if any(x.dim() > 1 for x in ts_parts):
             ts_parts = [x.expand(bshape + (x.shape[-1],)) if x.dim() == 1 else x for x in ts_parts]
         out_ts_t = torch.cat(ts_parts, dim=-1) * p.sign
-    sol = Solution(out_ts_t, ys, stats, res, p.t0_in, p.t1_in, dense=None, batch_mode="independent")
+    sol = Solution(out_ts_t, ys, stats, res, p.t0_in, p.t1_in, dense=dense, batch_mode="independent")
     if step_records is not None:
         sol.steps = step_records
     if ev is not None:

@@ -304,3 +304,47 @@ def test_independent_mode_first_step_with_time_dependent_field():
     assert all(len(s) == 2 and s[1] == 1 for s in seen) and (3, 1) in seen, set(seen)
     expected = torch.exp(torch.sin(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)))[:, None].expand(3, 2)
     assert (sol.ys[-1] - expected).abs().max().item() < 1e-6
+
+
+# ---------------------------------------------------------------- gradients with respect to t0 and t1
+
+
+@pytest.mark.parametrize("backwards", [False, True])
+def test_direct_adjoint_time_gradients_gradcheck(backwards):
+    A = torch.tensor([[-0.3, 1.0], [-1.0, -0.2]], dtype=torch.float64)
+
+    def f(t, y, args):
+        return y @ A.T + torch.sin(t)
+
+    y0 = torch.tensor([1.0, 0.5], dtype=torch.float64, requires_grad=True)
+    a, b = (0.2, 1.5) if not backwards else (1.5, 0.2)
+    t0 = torch.tensor(a, dtype=torch.float64, requires_grad=True)
+    t1 = torch.tensor(b, dtype=torch.float64, requires_grad=True)
+    ts = torch.tensor([0.7, 1.2] if not backwards else [1.2, 0.7], dtype=torch.float64)
+
+    def run(t0, t1, y0):
+        return nde.solve(f, Dopri5(), t0, t1, y0, controller=nde.PIDController(rtol=1e-12, atol=1e-12),
+                         saveat=nde.SaveAt(t0=True, ts=ts, t1=True)).ys
+
+    assert torch.autograd.gradcheck(run, (t0, t1, y0), atol=1e-6)
+
+
+def test_direct_adjoint_per_sample_time_gradients_independent():
+    y0 = torch.tensor([[1.0], [2.0]], dtype=torch.float64)
+    t1 = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    sol = nde.solve(lambda t, y, a: -y, Tsit5(), 0.0, t1, y0, controller=nde.PIDController(rtol=1e-10, atol=1e-10),
+                    batch_mode="independent")
+    (g,) = torch.autograd.grad(sol.ys[-1].sum(), t1)
+    torch.testing.assert_close(g, -(y0[:, 0] * torch.exp(-t1.detach())), rtol=1e-7, atol=1e-9)
+
+
+def test_independent_mode_dense_output():
+    y0 = torch.tensor([[1.0], [2.0], [0.5]], dtype=torch.float64)
+    t1 = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    sol = nde.solve(lambda t, y, a: -y * torch.cos(t), Tsit5(), 0.0, t1, y0, batch_mode="independent",
+                    controller=nde.PIDController(rtol=1e-9, atol=1e-9), saveat=nde.SaveAt(dense=True))
+    t = torch.tensor([0.5, 1.7, 2.9], dtype=torch.float64)
+    exact = y0 * torch.exp(-torch.sin(t))[:, None]
+    assert (sol.evaluate(t) - exact).abs().max().item() < 1e-7
+    d = sol.derivative(t)
+    assert (d - (-exact * torch.cos(t)[:, None])).abs().max().item() < 1e-5
