@@ -150,7 +150,7 @@ class PIDController(AbstractController):
     def _betas(self, q):
         return ((self.pcoeff + self.icoeff + self.dcoeff) / q, -(self.pcoeff + 2 * self.dcoeff) / q, self.dcoeff / q)
 
-    def _initial_dt(self, terms, t0, t1, y0, args, q, norm_per):
+    def _initial_dt(self, terms, t0, t1, y0, args, q, norm_per, f0=None):
         """Hairer--Norsett--Wanner's starting step; returns (dt, f0 or None, nfe)."""
         if not terms.is_ode:
             raise ValueError("An adaptive solve of this equation needs a first step: pass dt0=... to nde.solve.")
@@ -161,8 +161,9 @@ class PIDController(AbstractController):
             tt0 = torch.tensor(t0, dtype=y0.dtype, device=y0.device)
         else:  # per-sample times, broadcastable against y0 as everywhere else in independent mode
             tt0 = t0.to(y0.dtype).reshape(t0.shape + (1,) * (y0.dim() - t0.dim()))
+        nfe = 2 if f0 is None else 1
         with torch.no_grad():
-            f0 = f(tt0, y0, args)
+            f0 = f(tt0, y0, args) if f0 is None else f0.detach()
             scale = y0.abs() * self.rtol + atol
             d0 = norm_per(y0 / scale)
             d1 = norm_per(f0 / scale)
@@ -175,10 +176,11 @@ class PIDController(AbstractController):
             dmax = torch.maximum(d1, d2)
             h1 = torch.where(dmax <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / dmax) ** (1.0 / q))
             dt = torch.minimum(100 * h0, h1)
-        return dt, 2
+        return dt, nfe
 
     # ---- joint mode (Python floats) ------------------------------------------------------
-    def init_joint(self, terms, t0, t1, y0, dt0, args, solver, error_order=None):
+    def init_joint(self, terms, t0, t1, y0, dt0, args, solver, error_order=None, f0=None):
+        """First step; ``f0``, when given, is ``f(t0, y0)`` already evaluated by the solver."""
         q = error_order
         if q is None:
             raise ValueError(
@@ -189,7 +191,7 @@ class PIDController(AbstractController):
         nfe = 0
         if dt0 is None:
             norm = self.norm or rms_norm
-            dt, nfe = self._initial_dt(terms, t0, t1, y0, args, q, norm)
+            dt, nfe = self._initial_dt(terms, t0, t1, y0, args, q, norm, f0)
             dt = float(dt)
         else:
             dt = _check_dt0(dt0, t0, t1)
@@ -224,6 +226,8 @@ class PIDController(AbstractController):
             factor = self.factormin
         else:
             accept = err <= 1.0
+            if not accept and self.force_dtmin and self.dtmin is not None and dt <= self.dtmin * (1 + 1e-9):
+                accept = True  # already at the smallest step allowed: take it
             b1, b2, b3 = self._betas(q)
             if err == 0.0:
                 factor = self.factormax
@@ -244,7 +248,7 @@ class PIDController(AbstractController):
         return False, t0, t0 + new_dt, False, state, err
 
     # ---- independent mode (tensors, one entry a sample) ----------------------------------
-    def init_batch(self, terms, t0, t1, y0, dt0, args, solver, norm_fn, error_order=None):
+    def init_batch(self, terms, t0, t1, y0, dt0, args, solver, norm_fn, error_order=None, f0=None):
         q = error_order
         if q is None:
             raise ValueError(
@@ -253,7 +257,7 @@ class PIDController(AbstractController):
             )
         nfe = 0
         if dt0 is None:
-            dt, nfe = self._initial_dt(terms, t0, t1, y0, args, q, norm_fn)
+            dt, nfe = self._initial_dt(terms, t0, t1, y0, args, q, norm_fn, f0)
             dt = dt.to(torch.float64).reshape(t0.shape)
         else:
             dt = torch.as_tensor(dt0, dtype=torch.float64, device=t0.device).abs().expand(t0.shape).clone()
@@ -277,6 +281,8 @@ class PIDController(AbstractController):
             err = norm_fn(self._scaled(y0, y1, y_err)).to(torch.float64)
         finite = torch.isfinite(err)
         accept = finite & (err <= 1.0)
+        if self.force_dtmin and self.dtmin is not None:
+            accept = accept | (finite & ((t1 - t0) <= self.dtmin * (1 + 1e-9)))
         b1, b2, b3 = self._betas(q)
         safe_err = torch.where(finite, err, torch.ones_like(err)).clamp(min=1e-10)
         factor = self.safety * safe_err ** (-b1)

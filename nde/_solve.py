@@ -195,7 +195,8 @@ def _prepare(terms, solver, t0, t1, y0, dt0, args, saveat, controller, max_steps
     ts = None
     per_sample = False
     if ts_in is not None:
-        tst = torch.as_tensor(ts_in)
+        tst = ts_in if isinstance(ts_in, torch.Tensor) else torch.as_tensor(ts_in, dtype=torch.float64)
+        ts_eps = torch.finfo(tst.dtype).eps if tst.dtype.is_floating_point else 0.0
         if tst.dtype.is_complex or not (tst.dtype.is_floating_point or tst.dtype in (torch.int32, torch.int64)):
             raise TypeError(f"SaveAt(ts=...) must hold real times; got dtype {tst.dtype}.")
         tst = tst.detach().to(torch.float64, copy=True).cpu()
@@ -222,8 +223,10 @@ def _prepare(terms, solver, t0, t1, y0, dt0, args, saveat, controller, max_steps
         hi = torch.as_tensor(it1, dtype=torch.float64)
         if per_sample:
             lo, hi = lo.expand(bshape).unsqueeze(-1), hi.expand(bshape).unsqueeze(-1)
-        tol_lo = 1e-12 * (1 + lo.abs())
-        tol_hi = 1e-12 * (1 + hi.abs())
+        # times given in float32 may sit a rounding error outside [t0, t1]
+        rel = max(1e-12, 4 * ts_eps)
+        tol_lo = rel * (1 + lo.abs())
+        tol_hi = rel * (1 + hi.abs())
         if bool(((its < lo - tol_lo) | (its > hi + tol_hi)).any()):
             raise ValueError(f"SaveAt(ts=...) must lie inside [t0, t1] = [{t0f if not isinstance(t0f, torch.Tensor) else 't0'}, {t1f if not isinstance(t1f, torch.Tensor) else 't1'}].")
         its = torch.minimum(torch.maximum(its, lo), hi)
@@ -264,6 +267,15 @@ def _reverse_controller(c):
         if getattr(c, name, None):
             setattr(c, name, sorted(-x for x in getattr(c, name)))
     return c
+
+
+def _seed(controller, solver, state):
+    """``f0=f(t0, y0)`` for the first-step estimate when the solver's state already holds it."""
+    first = getattr(solver, "first_stage", None)
+    if first is None or not isinstance(controller, PIDController):
+        return {}
+    f0 = first(state)
+    return {} if f0 is None else {"f0": f0}
 
 
 def _merge_jump_ts(controller, terms):
@@ -377,7 +389,8 @@ def _integrate_joint(p: Problem) -> Solution:
         t_next = t0
     else:
         with _diagnose_vector_field(terms, solver, t0, y, args):
-            t_next, cstate, n = controller.init_joint(terms, t0, tend, y, p.dt0, args, solver, solver.error_order)
+            t_next, cstate, n = controller.init_joint(terms, t0, tend, y, p.dt0, args, solver, solver.error_order,
+                                                      **_seed(controller, solver, state))
         nfe += n
     bar = _progress_bar(p)
     max_steps = p.max_steps
@@ -385,12 +398,19 @@ def _integrate_joint(p: Problem) -> Solution:
     first = True
     ev = None if p.event is None else p.event._joint(p, y)
     hit = None
+    restart = False
     while t < tend:
         if max_steps is not None and num_steps >= max_steps:
             result = RESULTS.max_steps_reached
             if p.throw:
                 _fail(p, result, t, num_steps)
             break
+        if restart:
+            # the last step landed on a discontinuity: restart the solver there (no FSAL across it),
+            # once the next step is known
+            state, n = solver.init(terms, t, tend, y, args)
+            nfe += n
+            restart = False
         try:
             y1, y_err, info, new_state, n = solver.step(terms, t, t_next, y, args, state)
         except RuntimeError:
@@ -433,7 +453,8 @@ def _integrate_joint(p: Problem) -> Solution:
             if bar is not None:
                 bar.update(t_next - t)
             y = y1
-            state = solver.init(terms, nt0, tend, y, args)[0] if jump else new_state
+            state = new_state
+            restart = bool(jump)
             t = t_next
             if on_accept is not None:
                 on_accept(t, y, state, jump)
@@ -618,7 +639,7 @@ def _integrate_independent(p: Problem) -> Solution:
     active = t < tend
     if bool(active.any()):
         with _diagnose_vector_field(terms, solver, tb(t), y, args):
-            t_next, cstate, n = controller.init_batch(terms, t, tend, y, p.dt0 if not isinstance(p.dt0, torch.Tensor) else p.dt0.reshape(B), args, solver, norm_fn, solver.error_order)
+            t_next, cstate, n = controller.init_batch(terms, t, tend, y, p.dt0 if not isinstance(p.dt0, torch.Tensor) else p.dt0.reshape(B), args, solver, norm_fn, solver.error_order, **_seed(controller, solver, state))
         nfe += n
     else:
         t_next, cstate = t.clone(), None

@@ -119,11 +119,19 @@ class ExplicitRK(AbstractSolver):
         return None if t.b_err is None else t.embedded_order + 1
 
     def init(self, terms, t0, t1, y0, args):
-        if self.tableau.fsal and isinstance(t0, torch.Tensor) and t0.dim() > 0 and only_ode_terms(terms):
-            # independent batches: evaluate the first stage up front, so that the state always holds a
-            # valid first stage for every sample (the next step's, whether this one is accepted or not)
-            return [terms.ode(t0.to(y0.dtype), y0, args)], 1
+        if self.tableau.fsal and only_ode_terms(terms):
+            # evaluate the first stage up front: the state then always holds a valid first stage for
+            # every sample (the next step's, whether this one is accepted or not), and the automatic
+            # first step size reuses it
+            tt = t0.to(y0.dtype) if isinstance(t0, torch.Tensor) else torch.tensor(t0, dtype=y0.dtype, device=y0.device)
+            return [terms.ode(tt, y0, args)], 1
         return [None], 0
+
+    def first_stage(self, solver_state):
+        """``f(t0, y0)`` if the state already holds it (else None)."""
+        if isinstance(solver_state, list) and len(solver_state) == 1 and isinstance(solver_state[0], torch.Tensor):
+            return solver_state[0]
+        return None
 
     def step(self, terms, t0, t1, y0, args, solver_state):
         tab = self.tableau
