@@ -662,7 +662,7 @@ def _integrate_independent(p: Problem) -> Solution:
             state = _tree_index(state, keep, 1, (active.numel(),))
             cstate = _tree_index(cstate, keep, 1, (active.numel(),))
             active = active[keep]
-        if p.max_steps is not None:
+        if p.max_steps is not None and step_no >= p.max_steps:  # no sample has taken more than step_no steps
             over = active & (num_steps[widx] >= p.max_steps)
             if bool(over.any()):
                 result[widx[over]] = int(RESULTS.max_steps_reached)
@@ -682,8 +682,9 @@ def _integrate_independent(p: Problem) -> Solution:
             _check_step_output(y, y1, terms, solver, tb(t), args)
             first = False
         step_no += 1
-        nfe[widx[active]] += n
-        num_steps[widx[active]] += 1
+        act = active.long()
+        nfe.index_add_(0, widx, act * n)
+        num_steps.index_add_(0, widx, act)
         if constant:
             accept, nt0, nt1, cstate, _ = controller.adapt_batch(t, tn, y, y1, y_err, cstate, norm_fn)
             finite = torch.isfinite(y1.reshape(y1.shape[0], -1)).all(1)
@@ -706,8 +707,9 @@ def _integrate_independent(p: Problem) -> Solution:
                 if p.throw:
                     _fail(p, RESULTS.dt_underflow, float(t[under][0]), step_no, widx[under].tolist())
                 active = active & ~under
-        n_acc[widx[accept]] += 1
-        n_rej[widx[active & ~accept]] += 1
+        acc = accept.long()
+        n_acc.index_add_(0, widx, acc)
+        n_rej.index_add_(0, widx, act - acc)
         ev_hit, t_save = None, tn
         if ev is not None:
             ev_hit, t_ev, y_ev, n = ev.step(widx, accept, t, tn, y1, info)

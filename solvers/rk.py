@@ -158,7 +158,8 @@ class ExplicitRK(AbstractSolver):
                 ts = torch.where(co["at0"], lo, torch.where(co["at1"], hi, ts))
             ts = ts.unbind()
         else:
-            ts = [(t0 + ci * dt).to(y0.dtype) for ci in tab.c]
+            c = co["c"].reshape((-1,) + (1,) * t0.dim())
+            ts = torch.addcmul(t0, c, t1 - t0).to(y0.dtype).unbind(0)  # every stage time in one operation
             if inside:
                 a, b = ts[0], (t0 + dt).to(y0.dtype)
                 lo, hi = torch.nextafter(a, b), torch.nextafter(b, a)
