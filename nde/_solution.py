@@ -32,11 +32,13 @@ class Solution:
         mode, tensors of shape ``batch_shape`` in independent mode.
     result:
         Status codes (:class:`RESULTS`): a 0-d tensor in joint mode, ``batch_shape`` in independent mode.
-    event_t, event_mask:
-        Event times and which samples had an event (solves with an event only).
+    event_t, event_mask, event_y:
+        Event times, which samples had an event, and the states at the events (solves with an
+        event only; differentiable).
     """
 
-    def __init__(self, ts, ys, stats, result, t0, t1, dense=None, event_t=None, event_mask=None, batch_mode="joint"):
+    def __init__(self, ts, ys, stats, result, t0, t1, dense=None, event_t=None, event_mask=None, batch_mode="joint",
+                 event_y=None):
         self.ts = ts
         self.ys = ys
         self.stats = stats
@@ -46,6 +48,7 @@ class Solution:
         self._dense = dense
         self.event_t = event_t
         self.event_mask = event_mask
+        self.event_y = event_y
         self.batch_mode = batch_mode
 
     @property
