@@ -23,11 +23,13 @@
 
 # %%
 import os
+import sys
 import time
 
 import matplotlib
 
-matplotlib.use("Agg")
+if "ipykernel" not in sys.modules:  # as a script, write figures to files; in a notebook, show them inline
+    matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 from sklearn.datasets import make_moons

@@ -26,11 +26,13 @@
 # %%
 import math
 import os
+import sys
 import time
 
 import matplotlib
 
-matplotlib.use("Agg")
+if "ipykernel" not in sys.modules:  # as a script, write figures to files; in a notebook, show them inline
+    matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
