@@ -647,7 +647,7 @@ def _integrate_independent(p: Problem) -> Solution:
     first = True
     bar = _progress_bar(p)
     ev = None if p.event is None else p.event._independent(p, yf, t0_full, tend_full, pad)
-    done_y = {}
+    final_y = yf  # final states, filled in as samples leave the working batch (out of place: differentiable)
     step_no = 0
     on_accept = getattr(p, "on_accept", None)
     while True:
@@ -656,8 +656,8 @@ def _integrate_independent(p: Problem) -> Solution:
         # compaction
         if compactable and active.sum() * 2 < active.numel() and active.numel() > 1:
             keep = active.nonzero().flatten()
-            for i_loc in (~active).nonzero().flatten().tolist():
-                done_y[int(widx[i_loc])] = y[i_loc]
+            gone = (~active).nonzero().flatten()
+            final_y = final_y.index_put((widx[gone],), y[gone])
             widx, t, t_next, tend, y = widx[keep], t[keep], t_next[keep], tend[keep], y[keep]
             state = _tree_index(state, keep, 1, (active.numel(),))
             cstate = _tree_index(cstate, keep, 1, (active.numel(),))
@@ -766,9 +766,8 @@ def _integrate_independent(p: Problem) -> Solution:
             t_next = torch.where(tend - t_next <= 1e-10 * (t_next - t), tend, t_next)
     if bar is not None:
         bar.close()
-    for i_loc in range(widx.numel()):
-        done_y[int(widx[i_loc])] = y[i_loc]
-    final = torch.stack([done_y[i] for i in range(B)]).reshape(y0.shape) if B > 0 else y0
+    final_y = y if widx.numel() == B else final_y.index_put((widx,), y)
+    final = final_y.reshape(y0.shape) if B > 0 else y0
     # outputs
     outs, out_ts = [], []
     if saveat.t0:
