@@ -256,13 +256,27 @@ def _heun_backward(p, T, rec, per_step, ct, params, grads):
                 grads[j] = gp if grads[j] is None else grads[j] + gp
         return res[0] if res[0] is not None else torch.zeros_like(zl)
 
+    def control(t0, t1, like):
+        # a control holding tensors that require grad (a CDE's interpolated data): keep its graph
+        with torch.enable_grad():
+            c = _cast(terms.contr(t0, t1), like)
+        cs = [x for x in (c if isinstance(c, (tuple, list)) else (c,)) if isinstance(x, torch.Tensor)]
+        return c, bool(params) and any(x.requires_grad for x in cs)
+
+    def prod_tc(c, pairs):
+        # cotangents of the increments prod(v, c) pulled back through the control to the parameters
+        with torch.enable_grad():
+            outs = [terms.prod(v, c) for v, _ in pairs]
+            res = torch.autograd.grad(outs, params, [a for _, a in pairs], allow_unused=True)
+        _accumulate(grads, res)
+
     y, (z, _) = rec.y, rec.state
     zl, vv = f_graph(T[-1], z)
     nfe = 1
     a_y, a_z, a_v = torch.zeros_like(y), torch.zeros_like(y), torch.zeros_like(vv)
     for i in range(len(T) - 2, -1, -1):
         t0, t1 = T[i], T[i + 1]
-        c = _cast(terms.contr(t0, t1), y)
+        c, c_grad = control(t0, t1, y)
         extra = None
         for k, th in per_step[i]:
             if th is None:
@@ -280,6 +294,8 @@ def _heun_backward(p, T, rec, per_step, ct, params, grads):
             y0 = y - 0.5 * (terms.prod(vv0.detach(), c) + d1)
         half = 0.5 * prod_t(c, a_y, v1)
         a_z1 = a_z + vjp_f(vv, zl, a_v + half)
+        if c_grad:
+            prod_tc(c, [(v1, 0.5 * a_y), (vv0.detach(), 0.5 * a_y + a_z1)])
         a_y = a_y + 2 * a_z1 + (extra if extra is not None else 0)
         a_z = -a_z1
         a_v = half + prod_t(c, a_z1, v1)

@@ -191,8 +191,7 @@ def test_every_adjoint_matches_direct_backpropagation_on_a_cde(which):
     x = x.clone().requires_grad_(True)
     f = Field().to(D)
     z0 = torch.randn(3, 3, dtype=D, requires_grad=True)
-    # ReversibleAdjoint differentiates the initial state and parameters only (not the control's data)
-    inputs = [z0, *f.parameters()] if which == "reversible" else [z0, x, *f.parameters()]
+    inputs = [z0, x, *f.parameters()]
 
     def grads(adjoint):
         path = nde.CubicSpline(nde.hermite_cubic_coefficients_with_backward_differences(x, t), t)
