@@ -114,10 +114,22 @@ class BacksolveAdjoint(AbstractAdjoint):
         return f"BacksolveAdjoint(rtol={self.rtol}, atol={self.atol}, solver={self.solver!r}, norm={self.norm!r})"
 
 
+def _transformed(z):
+    """Whether ``z`` is a tensor wrapped by a ``torch.func`` transform (vjp, jacrev, vmap, ...)."""
+    try:
+        return bool(torch._C._functorch.is_functorch_wrapped_tensor(z))
+    except AttributeError:
+        return False
+
+
 def augmented_field(terms, params, args, shape, n):
     """``(t, z) -> dz/dt`` of the augmented state ``z = [y, a, a_theta]`` (flat)."""
 
     def f(t, z):
+        if _transformed(z):
+            # torch.autograd.grad inside a torch.func transform returns wrong values (the adjoint and
+            # parameter channels) without an error; refusing makes the Newton Jacobian fall back to autograd
+            raise NotImplementedError("the augmented adjoint field cannot be traced by torch.func")
         # differentiable in z only when asked (an implicit solver's Newton Jacobian): then second
         # derivatives of the vector field are recorded
         diff = torch.is_grad_enabled() and z.requires_grad
