@@ -46,7 +46,8 @@ class BacksolveAdjoint(AbstractAdjoint):
         Tolerances of the backward solve; None takes those of the forward solve's controller.
     solver:
         Solver of the backward solve; None takes the forward solver (``Tsit5`` when that is a reversible
-        solver, whose stability region suits the dissipative adjoint system poorly).
+        solver, whose stability region suits the dissipative adjoint system poorly; for SDEs ``Heun``
+        unless the forward solver is ``Heun``, ``Midpoint`` or ``EulerHeun``).
     norm:
         ``"seminorm"`` (default) or ``"rms"`` (all channels, including the parameter adjoints). With an
         implicit backward solver the RMS norm is used, since its stage iterations need it.
@@ -57,8 +58,13 @@ class BacksolveAdjoint(AbstractAdjoint):
     Notes
     -----
     The gradient is that of the exact solution map, computed to the backward tolerance; it agrees with
-    :class:`~nde.DirectAdjoint`'s to about the tolerances used. Only ODE terms (and CDEs whose control is
-    differentiable) are supported.
+    :class:`~nde.DirectAdjoint`'s to about the tolerances used. ODE terms, CDEs whose control is
+    differentiable, and Stratonovich SDEs ``MultiTerm(ODETerm(f), ControlTerm(g, brownian))`` solved by
+    ``Heun``, ``Midpoint``, ``EulerHeun`` or ``ReversibleHeun`` (joint batch mode) are supported. For an SDE
+    the adjoint SDE ``da = -a df/dy dt - a d(g o dW)/dy`` is solved backwards on the forward solve's
+    Brownian path (the stochastic adjoint of Li, Wong, Chen & Duvenaud (2020), "Scalable gradients for
+    stochastic differential equations", AISTATS) with ``Heun``, ``Midpoint`` or ``EulerHeun``; its gradient
+    converges to the discrete one as the step shrinks. Itô SDEs are refused (except with additive noise).
     """
 
     def __init__(self, rtol=None, atol=None, solver=None, norm="seminorm", params=None):
@@ -77,18 +83,21 @@ class BacksolveAdjoint(AbstractAdjoint):
 
     def run(self, problem):
         check_supported(problem, "BacksolveAdjoint")
+        sde = None
         if not problem.terms.is_ode:
-            raise ValueError(
-                "BacksolveAdjoint needs an ODE (or a CDE with a differentiable control); use CheckpointAdjoint "
-                "or ReversibleAdjoint for SDEs."
-            )
+            if problem.batch_mode == "independent":
+                raise ValueError(
+                    "BacksolveAdjoint solves SDEs in batch_mode='joint' only; use batch_mode='joint', or "
+                    "adjoint=nde.CheckpointAdjoint() / nde.ReversibleAdjoint()."
+                )
+            sde = _sde_setup(problem, self.solver)
         t_in = time_inputs(problem)
         params = [x for x in collect_params(problem, self.params) if all(x is not t for t in t_in)]
         if problem.batch_mode == "independent":
             from ._adjoint_independent import run_independent
 
             return run_independent(problem, self, "backsolve")
-        runner = _BacksolveRunner(self, problem, params, t_in)
+        runner = _BacksolveRunner(self, problem, params, t_in, sde)
         return run_with_function(runner, problem, function_inputs(t_in, params))
 
     def backward_controller(self, problem, n_head, solver=None):
@@ -152,9 +161,58 @@ def augmented_field(terms, params, args, shape, n):
     return f
 
 
+_STRATONOVICH_SOLVERS = ("Heun", "Midpoint", "EulerHeun")
+
+
+def _sde_setup(problem, back_solver):
+    """Drift, diffusion and backward solver of a Stratonovich SDE ``dy = f dt + g o dW``, checked.
+
+    Returns ``(drift, diffusion, solver)``: ``drift`` an :class:`~nde.ODETerm` (or None), ``diffusion``
+    the one :class:`~nde.ControlTerm` driven by a Brownian motion, in the user's time.
+    """
+    from nde import solvers as S
+
+    from ._terms import ControlTerm, MultiTerm, ODETerm
+
+    terms = problem.user_terms
+    parts = terms.terms if isinstance(terms, MultiTerm) else (terms,)
+    smooth = [x for x in parts if x.is_ode]
+    rough = [x for x in parts if not x.is_ode]
+    if len(rough) != 1 or not isinstance(rough[0], ControlTerm):
+        raise ValueError(
+            "BacksolveAdjoint solves SDEs with one diffusion term, MultiTerm(ODETerm(f), ControlTerm(g, brownian)); "
+            "combine the diffusions into one ControlTerm, or use adjoint=nde.CheckpointAdjoint()."
+        )
+    diffusion = rough[0]
+    if not smooth:
+        drift = None
+    elif len(smooth) == 1 and type(smooth[0]) is ODETerm:
+        drift = smooth[0]
+    else:
+        drift = ODETerm(lambda t, y, args: sum(x.ode(t, y, args) for x in smooth))
+    solver = problem.solver
+    kind = "stratonovich" if isinstance(solver, S.ReversibleHeun) else getattr(solver, "sde_type", None)
+    if diffusion.noise != "additive" and (kind != "stratonovich" or diffusion.sde_type == "ito"):
+        raise ValueError(
+            f"BacksolveAdjoint solves the adjoint of a Stratonovich SDE, but {solver!r} solves it in the Itô sense "
+            "(or the diffusion is declared sde_type='ito'). Use a Stratonovich solver (nde.solvers.Heun, Midpoint, "
+            "EulerHeun, ReversibleHeun), or adjoint=nde.CheckpointAdjoint() / nde.DirectAdjoint()."
+        )
+    strat = tuple(getattr(S, name) for name in _STRATONOVICH_SOLVERS)
+    if back_solver is None:
+        back_solver = solver if type(solver) in strat else S.Heun()
+    elif type(back_solver) not in strat:
+        raise ValueError(
+            f"solver (of the backward solve) must be one of nde.solvers.{', '.join(_STRATONOVICH_SOLVERS)} for an "
+            f"SDE (they step the adjoint through its diffusion's products); got {back_solver!r}."
+        )
+    return drift, diffusion, back_solver
+
+
 class _BacksolveRunner:
-    def __init__(self, adjoint, problem, params, t_in):
+    def __init__(self, adjoint, problem, params, t_in, sde=None):
         self.adj, self.p, self.params, self.t_in = adjoint, problem, params, t_in
+        self.sde = sde
         self.solution = None
 
     def forward(self):
@@ -190,8 +248,18 @@ class _BacksolveRunner:
             from nde.solvers.rk import Tsit5
 
             solver = Tsit5()
+        # the backward solve runs in internal time (running forwards in it), or for SDEs in the user's
+        # time, in which the augmented diffusion reads the forward solve's Brownian motion
+        sign = 1.0
+        if self.sde is not None:
+            from ._sde_adjoint import stratonovich_adjoint_terms
+
+            drift, diffusion, solver = self.sde
+            f = stratonovich_adjoint_terms(drift, diffusion, self.params, p.args, shape)
+            sign = float(p.sign)
+        else:
+            f = augmented_field(p.terms, self.params, p.args, shape, n)
         controller, dt0 = self.adj.backward_controller(p, 2 * n, solver)
-        f = augmented_field(p.terms, self.params, p.args, shape, n)
         y = rec.y if rec.y is not None else y0
         a = torch.zeros_like(y0)
         a_th = torch.zeros(P, dtype=y0.dtype, device=y0.device)
@@ -208,7 +276,8 @@ class _BacksolveRunner:
                 else:
                     step0 = None
                 with torch.no_grad():
-                    sol = solve(f, solver, t_cur, tg, z, dt0=step0, controller=controller, max_steps=p.max_steps)
+                    sol = solve(f, solver, sign * t_cur, sign * tg, z, dt0=None if step0 is None else sign * step0,
+                                controller=controller, max_steps=p.max_steps)
                 z = sol.ys[-1]
                 nfe += sol.stats["nfe"]
                 steps += sol.stats["num_steps"]
