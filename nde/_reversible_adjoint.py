@@ -123,7 +123,9 @@ def _fused_backward(p, rec, per_step):
     if rec.state is None or len(rec.T) < 2:
         return None
     if type(p.solver) is ReversibleHeun:
-        return _heun_backward if isinstance(rec.state[1], torch.Tensor) else None
+        v = rec.state[1]
+        parts = v if isinstance(v, tuple) else (v,)
+        return _heun_backward if all(isinstance(x, torch.Tensor) for x in parts) else None
     # the other two interpolate inside a step through their own dense output: fuse only without such outputs
     if any(th is not None for lst in per_step for _, th in lst):
         return None
@@ -132,6 +134,17 @@ def _fused_backward(p, rec, per_step):
     if type(p.solver) is Reversible:
         return _wrapper_backward
     return None
+
+
+def _parts(v):
+    return v if isinstance(v, tuple) else (v,)
+
+
+def _tmap(fn, *xs):
+    """``fn`` applied to tensors, or elementwise to tuples of tensors (a MultiTerm's vector fields)."""
+    if isinstance(xs[0], tuple):
+        return tuple(fn(*z) for z in zip(*xs))
+    return fn(*xs)
 
 
 def _accumulate(grads, res):
@@ -242,18 +255,21 @@ def _heun_backward(p, T, rec, per_step, ct, params, grads):
             return zl, terms.vf(_time(t, zl), zl, args)
 
     def prod_t(c, a, like):
+        # the transpose of v -> prod(v, c) (linear in v), for a vector field or a tuple of them (MultiTerm)
         with torch.enable_grad():
-            vl = like.detach().requires_grad_(True)
+            vl = _tmap(lambda x: x.detach().requires_grad_(True), like)
             out = terms.prod(vl, c)
-            (g,) = torch.autograd.grad(out, vl, a)
-        return g
+            res = torch.autograd.grad(out, list(_parts(vl)), a, allow_unused=True)
+        g = [torch.zeros_like(x) if r is None else r for x, r in zip(_parts(vl), res)]
+        return tuple(g) if isinstance(like, tuple) else g[0]
 
     def vjp_f(vv, zl, a):
+        keep = [(o, g) for o, g in zip(_parts(vv), _parts(a)) if o.requires_grad]
+        if not keep:
+            return torch.zeros_like(zl)
         with torch.enable_grad():
-            res = torch.autograd.grad(vv, [zl] + params, a, allow_unused=True)
-        for j, gp in enumerate(res[1:]):
-            if gp is not None:
-                grads[j] = gp if grads[j] is None else grads[j] + gp
+            res = torch.autograd.grad([o for o, _ in keep], [zl] + params, [g for _, g in keep], allow_unused=True)
+        _accumulate(grads, res[1:])
         return res[0] if res[0] is not None else torch.zeros_like(zl)
 
     def control(t0, t1, like):
@@ -273,7 +289,7 @@ def _heun_backward(p, T, rec, per_step, ct, params, grads):
     y, (z, _) = rec.y, rec.state
     zl, vv = f_graph(T[-1], z)
     nfe = 1
-    a_y, a_z, a_v = torch.zeros_like(y), torch.zeros_like(y), torch.zeros_like(vv)
+    a_y, a_z, a_v = torch.zeros_like(y), torch.zeros_like(y), _tmap(torch.zeros_like, vv)
     for i in range(len(T) - 2, -1, -1):
         t0, t1 = T[i], T[i + 1]
         c, c_grad = control(t0, t1, y)
@@ -284,21 +300,22 @@ def _heun_backward(p, T, rec, per_step, ct, params, grads):
             else:
                 a_y = a_y + th * ct[k]
                 extra = (1 - th) * ct[k] if extra is None else extra + (1 - th) * ct[k]
-        v1 = vv.detach()
+        v1 = _tmap(torch.Tensor.detach, vv)
         with torch.no_grad():
             d1 = terms.prod(v1, c)
             z0 = 2 * y - zl.detach() - d1
         zl0, vv0 = f_graph(t0, z0)
         nfe += 1
         with torch.no_grad():
-            y0 = y - 0.5 * (terms.prod(vv0.detach(), c) + d1)
-        half = 0.5 * prod_t(c, a_y, v1)
-        a_z1 = a_z + vjp_f(vv, zl, a_v + half)
+            v0 = _tmap(torch.Tensor.detach, vv0)
+            y0 = y - 0.5 * (terms.prod(v0, c) + d1)
+        half = _tmap(lambda x: 0.5 * x, prod_t(c, a_y, v1))
+        a_z1 = a_z + vjp_f(vv, zl, _tmap(torch.add, a_v, half))
         if c_grad:
-            prod_tc(c, [(v1, 0.5 * a_y), (vv0.detach(), 0.5 * a_y + a_z1)])
+            prod_tc(c, [(v1, 0.5 * a_y), (v0, 0.5 * a_y + a_z1)])
         a_y = a_y + 2 * a_z1 + (extra if extra is not None else 0)
         a_z = -a_z1
-        a_v = half + prod_t(c, a_z1, v1)
+        a_v = _tmap(torch.add, half, prod_t(c, a_z1, v1))
         y, zl, vv = y0, zl0, vv0
     a_y = a_y + a_z + vjp_f(vv, zl, a_v)
     return a_y, nfe, float((y - p.y0.detach()).abs().max())
