@@ -147,6 +147,33 @@ def _tmap(fn, *xs):
     return fn(*xs)
 
 
+def _to_shape(x, like):
+    return x if x.shape == like.shape else x.sum_to_size(like.shape)
+
+
+def _prod_transposes(terms):
+    """Closed-form transposes ``(c, a, like) -> dprod/dv^T a`` of the terms' products, or None.
+
+    Available for :class:`~nde.ODETerm` and :class:`~nde.ControlTerm` (and MultiTerms of them, in either
+    time direction) with their own products; other terms go through autograd.
+    """
+    from ._terms import ControlTerm, MultiTerm, ODETerm, _ReversedTime
+
+    parts = terms.terms if isinstance(terms, MultiTerm) else (terms,)
+    out = []
+    for term in parts:
+        base = term.term if isinstance(term, _ReversedTime) else term
+        if type(base).prod is ODETerm.prod or (type(base).prod is ControlTerm.prod and base.noise == "diagonal"):
+            out.append(lambda c, a, like: _to_shape(a * c, like))
+        elif type(base).prod is ControlTerm.prod and base.noise == "scalar":
+            out.append(lambda c, a, like: _to_shape((a * c).unsqueeze(-1), like))
+        elif type(base).prod is ControlTerm.prod:
+            out.append(lambda c, a, like: _to_shape(a.unsqueeze(-1) * c.unsqueeze(-2), like))
+        else:
+            return None
+    return out
+
+
 def _accumulate(grads, res):
     for j, gp in enumerate(res):
         if gp is not None:
@@ -254,8 +281,14 @@ def _heun_backward(p, T, rec, per_step, ct, params, grads):
             zl = z.detach().requires_grad_(True)
             return zl, terms.vf(_time(t, zl), zl, args)
 
+    transposes = _prod_transposes(terms)
+
     def prod_t(c, a, like):
         # the transpose of v -> prod(v, c) (linear in v), for a vector field or a tuple of them (MultiTerm)
+        if transposes is not None:
+            if isinstance(like, tuple):
+                return tuple(tr(ci, a, v) for tr, ci, v in zip(transposes, c, like))
+            return transposes[0](c, a, like)
         with torch.enable_grad():
             vl = _tmap(lambda x: x.detach().requires_grad_(True), like)
             out = terms.prod(vl, c)

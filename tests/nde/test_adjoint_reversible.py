@@ -93,14 +93,14 @@ def test_reversible_and_checkpoint_on_an_sde():
         assert float((r - res[0]).abs().max() / res[0].abs().max()) < 1e-10
 
 
-@pytest.mark.parametrize("noise", ["diagonal", "general", "additive"])
+@pytest.mark.parametrize("noise", ["diagonal", "general", "additive", "scalar"])
 def test_reversible_heun_sde_backward_is_fused(noise):
     # a MultiTerm's vector field is a tuple: its backward pass still costs one evaluation a step
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
     g = torch.nn.Linear(3, 6).double()
     y0 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
-    m = 3 if noise == "diagonal" else 2
+    m = {"diagonal": 3, "scalar": 1}.get(noise, 2)
     bm = nde.BrownianInterval(0.0, 1.0, shape=(4, m), dtype=torch.float64, seed=3)
 
     def diffusion(t, y):
@@ -108,6 +108,8 @@ def test_reversible_heun_sde_backward_is_fused(noise):
             return torch.tanh(g(y))[:, :3]
         if noise == "additive":
             return g.bias.reshape(3, 2).expand(4, 3, 2)
+        if noise == "scalar":
+            return torch.tanh(g(y))[:, :3, None]
         return torch.tanh(g(y)).reshape(4, 3, 2)
 
     terms = nde.MultiTerm(nde.ODETerm(lambda t, y: net(y) * (1 + t)), nde.ControlTerm(diffusion, bm, noise=noise))
