@@ -290,10 +290,9 @@ class PIDController(AbstractController):
             factor = factor * prev1 ** (-b2)
         if b3 != 0.0:
             factor = factor * prev2 ** (-b3)
-        factor = torch.where(err == 0, torch.full_like(factor, self.factormax), factor)
-        lo = torch.where(accept, torch.ones_like(factor), torch.full_like(factor, self.factormin))
-        factor = torch.minimum(torch.maximum(factor, lo), torch.full_like(factor, self.factormax))
-        factor = torch.where(finite, factor, torch.full_like(factor, self.factormin))
+        factor = factor.masked_fill(err == 0, self.factormax)
+        lo = torch.where(accept, 1.0, self.factormin)  # an accepted step never shrinks the next one
+        factor = torch.maximum(factor, lo).clamp_(max=self.factormax).masked_fill_(~finite, self.factormin)
         new_dt = (t1 - t0) * factor
         if self.dtmax is not None:
             new_dt = new_dt.clamp(max=self.dtmax)
