@@ -219,7 +219,10 @@ class PIDController(AbstractController):
         prev1, prev2, q = state
         with torch.no_grad():
             scaled = self._scaled(y0, y1, y_err)
-            err = float(self.norm(scaled) if self.norm is not None else rms_norm(scaled))
+            if self.norm is not None:
+                err = float(self.norm(scaled))
+            else:  # the RMS norm, its division by sqrt(n) done on the host
+                err = float(torch.linalg.vector_norm(scaled)) / math.sqrt(max(scaled.numel(), 1))
         dt = t1 - t0
         if not math.isfinite(err):
             accept = False
@@ -277,30 +280,37 @@ class PIDController(AbstractController):
 
     def adapt_batch(self, t0, t1, y0, y1, y_err, state, norm_fn):
         prev1, prev2, q = state
-        with torch.no_grad():
-            err = norm_fn(self._scaled(y0, y1, y_err)).to(torch.float64)
-        finite = torch.isfinite(err)
-        accept = finite & (err <= 1.0)
-        if self.force_dtmin and self.dtmin is not None:
-            accept = accept | (finite & ((t1 - t0) <= self.dtmin * (1 + 1e-9)))
         b1, b2, b3 = self._betas(q)
-        safe_err = torch.where(finite, err, torch.ones_like(err)).clamp(min=1e-10)
-        factor = self.safety * safe_err ** (-b1)
-        if b2 != 0.0:
-            factor = factor * prev1 ** (-b2)
-        if b3 != 0.0:
-            factor = factor * prev2 ** (-b3)
-        factor = factor.masked_fill(err == 0, self.factormax)
+        with torch.no_grad():
+            err = norm_fn(self._scaled(y0, y1, y_err))
+        # NaN and inf compare false: a non-finite error rejects the step
+        accept = err <= 1.0
+        if self.force_dtmin and self.dtmin is not None:
+            accept = accept | (torch.isfinite(err) & ((t1 - t0) <= self.dtmin * (1 + 1e-9)))
         lo = torch.where(accept, 1.0, self.factormin)  # an accepted step never shrinks the next one
-        factor = torch.maximum(factor, lo).clamp_(max=self.factormax).masked_fill_(~finite, self.factormin)
+        if b2 == 0.0 and b3 == 0.0:
+            # integral control: err = 0 gives inf (then factormax), inf gives 0 and NaN is dropped by
+            # fmax (both then factormin, as the step is rejected)
+            factor = torch.fmax(err.pow(-b1).mul_(self.safety), lo).clamp_(max=self.factormax)
+            new_state = state
+        else:
+            finite = torch.isfinite(err)
+            safe_err = torch.where(finite, err, torch.ones_like(err)).clamp(min=1e-10)
+            factor = self.safety * safe_err ** (-b1)
+            if b2 != 0.0:
+                factor = factor * prev1 ** (-b2)
+            if b3 != 0.0:
+                factor = factor * prev2 ** (-b3)
+            factor = factor.masked_fill(err == 0, self.factormax)
+            factor = torch.maximum(factor, lo).clamp_(max=self.factormax).masked_fill_(~finite, self.factormin)
+            new_state = (torch.where(accept, safe_err, prev1), torch.where(accept, prev1, prev2), q)
         new_dt = (t1 - t0) * factor
         if self.dtmax is not None:
             new_dt = new_dt.clamp(max=self.dtmax)
         if self.dtmin is not None and self.force_dtmin:
             new_dt = new_dt.clamp(min=self.dtmin)
         next_t0 = torch.where(accept, t1, t0)
-        state = (torch.where(accept, safe_err, prev1), torch.where(accept, prev1, prev2), q)
-        return accept, next_t0, next_t0 + new_dt, state, err
+        return accept, next_t0, next_t0 + new_dt, new_state, err
 
 
 def _hits(ts, t):

@@ -10,8 +10,12 @@ class SaveAt:
 
     Parameters
     ----------
-    t0, t1:
-        Save the initial / final state.
+    t0:
+        Save the initial state.
+    t1:
+        Save the final state. Default ``None``: True unless ``ts``, ``steps`` or ``dense`` is given,
+        so that ``SaveAt()`` and ``SaveAt(t0=True)`` keep the final state while ``SaveAt(ts=...)``
+        returns exactly the requested times.
     ts:
         Times at which to save (by interpolation of each step's dense output). A 1-D sequence
         shared by all samples, or in independent batch mode a tensor of shape
@@ -23,13 +27,16 @@ class SaveAt:
         Keep every step's interpolant so that ``Solution.evaluate(t)`` works anywhere in ``[t0, t1]``.
     """
 
-    def __init__(self, t0: bool = False, t1: bool = False, ts=None, steps: bool = False, dense: bool = False):
+    def __init__(self, t0: bool = False, t1: bool | None = None, ts=None, steps: bool = False, dense: bool = False):
+        for name, v in (("t0", t0), ("t1", t1), ("steps", steps), ("dense", dense)):
+            if isinstance(v, (torch.Tensor, list, tuple)):
+                raise TypeError(f"SaveAt({name}=...) is a flag (True or False); to save at given times use SaveAt(ts=...).")
         self.t0 = bool(t0)
         self.ts = ts
         self.steps = bool(steps)
         self.dense = bool(dense)
-        if not (t0 or t1 or ts is not None or steps or dense):
-            t1 = True
+        if t1 is None:
+            t1 = not (ts is not None or self.steps or self.dense)
         self.t1 = bool(t1)
 
     def __repr__(self):

@@ -613,7 +613,6 @@ def _integrate_independent(p: Problem) -> Solution:
             "SaveAt(steps=True) is not available with batch_mode='independent' (every sample has its own "
             "steps); use SaveAt(ts=...) or SaveAt(dense=True)."
         )
-    step_records = None
     # Finished samples are dropped from the working batch only when nothing per-sample can hide in
     # args or in control paths (those would need to be indexed too).
     compactable = saveat.dense is False and args is None and only_ode_terms(terms)
@@ -624,7 +623,6 @@ def _integrate_independent(p: Problem) -> Solution:
     result = torch.zeros(B, dtype=torch.long, device=dev)
     num_steps = torch.zeros(B, dtype=torch.long, device=dev)
     n_acc = torch.zeros(B, dtype=torch.long, device=dev)
-    n_rej = torch.zeros(B, dtype=torch.long, device=dev)
     nfe = torch.zeros(B, dtype=torch.long, device=dev)
 
     # working set
@@ -650,43 +648,59 @@ def _integrate_independent(p: Problem) -> Solution:
     final_y = yf  # final states, filled in as samples leave the working batch (out of place: differentiable)
     step_no = 0
     on_accept = getattr(p, "on_accept", None)
+    # Per-step statistics are counted in the order of the working batch (one in-place add each) and
+    # added to the per-sample counters whenever the working batch changes, and at the end.
+    steps_w = torch.zeros_like(widx)
+    acc_w = torch.zeros_like(widx)
+    nfe_w = torch.zeros_like(widx)
+
+    def flush(widx, steps_w, acc_w, nfe_w):
+        num_steps.index_add_(0, widx, steps_w)
+        n_acc.index_add_(0, widx, acc_w)
+        nfe.index_add_(0, widx, nfe_w)
+
+    plain_next = not constant and not controller.step_ts and not controller.jump_ts
     while True:
-        if not bool(active.any()):
+        n_active = int(active.sum())  # the one host sync of a step without rejections
+        if n_active == 0:
             break
         # compaction
-        if compactable and active.sum() * 2 < active.numel() and active.numel() > 1:
+        if compactable and 2 * n_active < active.numel() and active.numel() > 1:
             keep = active.nonzero().flatten()
             gone = (~active).nonzero().flatten()
+            flush(widx, steps_w, acc_w, nfe_w)
             final_y = final_y.index_put((widx[gone],), y[gone])
             widx, t, t_next, tend, y = widx[keep], t[keep], t_next[keep], tend[keep], y[keep]
             state = _tree_index(state, keep, 1, (active.numel(),))
             cstate = _tree_index(cstate, keep, 1, (active.numel(),))
             active = active[keep]
+            steps_w, acc_w, nfe_w = torch.zeros_like(widx), torch.zeros_like(widx), torch.zeros_like(widx)
+        deactivated = False  # whether a sample stopped early this step (failure or event)
         if p.max_steps is not None and step_no >= p.max_steps:  # no sample has taken more than step_no steps
-            over = active & (num_steps[widx] >= p.max_steps)
+            taken = num_steps[widx] + steps_w
+            over = active & (taken >= p.max_steps)
             if bool(over.any()):
                 result[widx[over]] = int(RESULTS.max_steps_reached)
                 if p.throw:
-                    _fail(p, RESULTS.max_steps_reached, float(t[over][0]), int(num_steps[widx[over]][0]), widx[over].tolist())
+                    _fail(p, RESULTS.max_steps_reached, float(t[over][0]), int(taken[over][0]), widx[over].tolist())
                 active = active & ~over
                 t_next = torch.where(active, t_next, t)
                 if not bool(active.any()):
                     break
-        tn = torch.where(active, t_next, t)
+        # samples that are not active have t_next == t: their step is empty and changes nothing
+        tn = t_next
         if first:
             with _diagnose_vector_field(terms, solver, tb(t), y, args):
                 y1, y_err, info, new_state, n = solver.step(terms, tb(t), tb(tn), y, args, state)
-        else:
-            y1, y_err, info, new_state, n = solver.step(terms, tb(t), tb(tn), y, args, state)
-        if first:
             _check_step_output(y, y1, terms, solver, tb(t), args)
             first = False
+        else:
+            y1, y_err, info, new_state, n = solver.step(terms, tb(t), tb(tn), y, args, state)
         step_no += 1
-        act = active.long()
-        nfe.index_add_(0, widx, act * n)
-        num_steps.index_add_(0, widx, act)
+        steps_w += active
+        nfe_w.add_(active, alpha=n)
+        accept, nt0, nt1, cstate, _ = controller.adapt_batch(t, tn, y, y1, y_err, cstate, norm_fn)
         if constant:
-            accept, nt0, nt1, cstate, _ = controller.adapt_batch(t, tn, y, y1, y_err, cstate, norm_fn)
             finite = torch.isfinite(y1.reshape(y1.shape[0], -1)).all(1)
             bad = active & ~finite
             if bool(bad.any()):
@@ -694,22 +708,22 @@ def _integrate_independent(p: Problem) -> Solution:
                 if p.throw:
                     _fail(p, RESULTS.nonfinite, float(tn[bad][0]), step_no, widx[bad].tolist())
                 active = active & ~bad
+                deactivated = True
             accept = accept & active
         else:
-            accept, nt0, nt1, cstate, _ = controller.adapt_batch(t, tn, y, y1, y_err, cstate, norm_fn)
             accept = accept & active
-            rej = active & ~accept
-            under = rej & ((nt1 - nt0) <= 8 * torch.finfo(torch.float64).eps * nt0.abs().clamp(min=1e-300))
-            if controller.dtmin is not None and not controller.force_dtmin:
-                under = under | (rej & ((nt1 - nt0) < controller.dtmin))
-            if bool(under.any()):
-                result[widx[under]] = int(RESULTS.dt_underflow)
-                if p.throw:
-                    _fail(p, RESULTS.dt_underflow, float(t[under][0]), step_no, widx[under].tolist())
-                active = active & ~under
-        acc = accept.long()
-        n_acc.index_add_(0, widx, acc)
-        n_rej.index_add_(0, widx, act - acc)
+            if int(accept.sum()) < n_active:  # some step was rejected: did its next size underflow?
+                rej = active & ~accept
+                under = rej & ((nt1 - nt0) <= 8 * torch.finfo(torch.float64).eps * nt0.abs().clamp(min=1e-300))
+                if controller.dtmin is not None and not controller.force_dtmin:
+                    under = under | (rej & ((nt1 - nt0) < controller.dtmin))
+                if bool(under.any()):
+                    result[widx[under]] = int(RESULTS.dt_underflow)
+                    if p.throw:
+                        _fail(p, RESULTS.dt_underflow, float(t[under][0]), step_no, widx[under].tolist())
+                    active = active & ~under
+                    deactivated = True
+        acc_w += accept
         ev_hit, t_save = None, tn
         if ev is not None:
             ev_hit, t_ev, y_ev, n = ev.step(widx, accept, t, tn, y1, info)
@@ -735,8 +749,6 @@ def _integrate_independent(p: Problem) -> Solution:
                 ys_ts = ys_ts.index_put((ptr[sel], gl[sel]), vals[sel])
                 ptr = ptr + pend.long()
             ts_ptr[gl] = ptr
-        if step_records is not None:
-            step_records.append((widx.clone(), accept.clone(), tn.clone(), y1))
         if dense is not None:
             dense.add(tb(t), tb(tn), accept, info)
         if bar is not None:
@@ -755,15 +767,23 @@ def _integrate_independent(p: Problem) -> Solution:
             nfe[widx[active]] += n
         if on_accept is not None:
             on_accept(widx, accept, t, tn, y, state)
-        t = torch.where(accept, tn, t)
+        # the controller's next_t0 is the step's end where accepted, its start elsewhere
+        t = nt0 if ev_hit is None and not constant else torch.where(accept, tn, t)
         active = active & (t < tend)
         if ev_hit is not None:
             active = active & ~ev_hit
+            deactivated = True
+        # the next step, landing exactly on t1 when it is within rounding of it
         if constant:
             t_next = torch.where(tend - nt1 > 1e-9 * (nt1 - t), nt1, tend)
+        elif plain_next:
+            t_next = torch.where(torch.add(nt1, nt1 - t, alpha=1e-10) >= tend, tend, nt1)
         else:
             t_next = controller._next_t1_batch(t, nt1, tend)
             t_next = torch.where(tend - t_next <= 1e-10 * (t_next - t), tend, t_next)
+        if deactivated:
+            t_next = torch.where(active, t_next, t)
+    flush(widx, steps_w, acc_w, nfe_w)
     if bar is not None:
         bar.close()
     final_y = y if widx.numel() == B else final_y.index_put((widx,), y)
@@ -782,7 +802,7 @@ def _integrate_independent(p: Problem) -> Solution:
         pass
     stats = {
         "num_steps": num_steps.reshape(bshape), "num_accepted_steps": n_acc.reshape(bshape),
-        "num_rejected_steps": n_rej.reshape(bshape), "nfe": nfe.reshape(bshape),
+        "num_rejected_steps": (num_steps - n_acc).reshape(bshape), "nfe": nfe.reshape(bshape),
     }
     ts_parts = []
     if saveat.t0:
@@ -797,8 +817,6 @@ def _integrate_independent(p: Problem) -> Solution:
             ts_parts = [x.expand(bshape + (x.shape[-1],)) if x.dim() == 1 else x for x in ts_parts]
         out_ts_t = torch.cat(ts_parts, dim=-1) * p.sign
     sol = Solution(out_ts_t, ys, stats, res, p.t0_in, p.t1_in, dense=dense, batch_mode="independent")
-    if step_records is not None:
-        sol.steps = step_records
     if ev is not None:
         ev.finish(sol, bshape, y0)
     return sol

@@ -316,24 +316,25 @@ class Dopri5(_Dopri5):
     Parameters
     ----------
     error_estimate:
-        ``"dormand-prince"`` (default): the embedded fourth-order solution of the original pair.
-        ``"shampine"``: Shampine's alternative fourth-order solution (Shampine (1986), "Some practical
-        Runge--Kutta formulas", *Math. Comp.* 46), whose smaller estimate takes longer steps at the same
-        tolerance; the fifth-order solution is the same.
+        ``"shampine"`` (default): the error is estimated against Shampine's alternative fourth-order
+        solution (Shampine (1986), "Some practical Runge--Kutta formulas", *Math. Comp.* 46), as
+        torchdiffeq's ``dopri5`` does, so that both take the same steps at the same tolerances.
+        ``"dormand-prince"``: the embedded fourth-order solution of the original pair, whose larger
+        estimate takes about 5--10% more steps for an error about 1.5 times smaller (the two lie on
+        the same work--precision curve). The fifth-order solution is the same.
     """
 
-    def __init__(self, error_estimate: str = "dormand-prince"):
+    def __init__(self, error_estimate: str = "shampine"):
         if error_estimate not in ("dormand-prince", "shampine"):
             raise ValueError(
                 f"error_estimate must be 'dormand-prince' or 'shampine'; got {error_estimate!r}."
             )
         self.error_estimate = error_estimate
-        if error_estimate == "shampine":
-            self.tableau = _DOPRI5_SHAMPINE
+        self.tableau = _DOPRI5_SHAMPINE if error_estimate == "shampine" else _Dopri5.tableau
 
     def __repr__(self):
-        if self.error_estimate == "shampine":
-            return "Dopri5(error_estimate='shampine')"
+        if self.error_estimate == "dormand-prince":
+            return "Dopri5(error_estimate='dormand-prince')"
         return "Dopri5()"
 
 

@@ -68,3 +68,30 @@ def test_neural_ode_interface_errors_and_modes():
     out = indep(y0, torch.linspace(0, 1, 3))
     assert out.shape == (3, 5, 2)
     assert indep.stats["num_steps"].shape == (5,)
+
+
+def test_neural_ode_saveat_and_solution():
+    torch.manual_seed(0)
+    field = Field()
+    y0 = torch.randn(5, 2)
+    t = torch.linspace(0, 1, 4)
+    full = NeuralODE(field, rtol=1e-7, atol=1e-9)(y0, t)
+    last = NeuralODE(field, rtol=1e-7, atol=1e-9, saveat=nde.SaveAt(t1=True))
+    out = last(y0, t)
+    assert out.shape == (1, 5, 2)
+    torch.testing.assert_close(out[0], full[-1], rtol=1e-5, atol=1e-6)
+    dense = NeuralODE(field, rtol=1e-7, atol=1e-9, saveat=nde.SaveAt(t1=True, dense=True))
+    dense(y0, t)
+    torch.testing.assert_close(dense.solution.evaluate(t[1]), full[1], rtol=1e-4, atol=1e-5)
+    with pytest.raises(TypeError, match="saveat"):
+        NeuralODE(field, saveat=t)
+
+
+def test_saveat_defaults():
+    assert nde.SaveAt().t1 and not nde.SaveAt().t0
+    both = nde.SaveAt(t0=True)
+    assert both.t0 and both.t1
+    assert not nde.SaveAt(ts=[0.0, 1.0]).t1 and nde.SaveAt(ts=[0.0, 1.0], t1=True).t1
+    assert not nde.SaveAt(steps=True).t1 and not nde.SaveAt(dense=True).t1
+    with pytest.raises(TypeError, match="ts="):
+        nde.SaveAt(torch.linspace(0, 1, 3))
