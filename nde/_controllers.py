@@ -281,7 +281,10 @@ class PIDController(AbstractController):
     def adapt_batch(self, t0, t1, y0, y1, y_err, state, norm_fn):
         prev1, prev2, q = state
         b1, b2, b3 = self._betas(q)
-        with torch.no_grad():
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                err = norm_fn(self._scaled(y0, y1, y_err))
+        else:
             err = norm_fn(self._scaled(y0, y1, y_err))
         # NaN and inf compare false: a non-finite error rejects the step
         accept = err <= 1.0

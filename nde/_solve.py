@@ -149,6 +149,12 @@ def _prepare(terms, solver, t0, t1, y0, dt0, args, saveat, controller, max_steps
         raise TypeError(f"y0 must be a torch.Tensor; got {type(y0).__name__}.")
     if not y0.dtype.is_floating_point:
         raise TypeError(f"y0 must have a floating-point dtype (float32 or float64); got {y0.dtype}.")
+    if y0.device.type == "meta":
+        raise ValueError("y0 is on the meta device, which holds no values: create it on 'cpu' or 'cuda'.")
+    for name, x in (("t0", t0), ("t1", t1), ("dt0", dt0), ("SaveAt(ts=...)", getattr(saveat, "ts", None))):
+        # per-sample times live with the state; a scalar time may sit anywhere (it is read once)
+        if isinstance(x, torch.Tensor) and x.numel() > 1 and x.device != y0.device and name != "SaveAt(ts=...)":
+            raise ValueError(f"{name} is on device {x.device} but y0 is on {y0.device}: move {name} to {y0.device}.")
     if not bool(torch.isfinite(y0).all()):
         raise ValueError("y0 contains NaN or inf.")
     if batch_mode not in _BATCH_MODES:
@@ -249,13 +255,18 @@ def _prepare(terms, solver, t0, t1, y0, dt0, args, saveat, controller, max_steps
 
 
 def _signed_dt0(dt0, sign):
+    direction = "positive (t1 > t0)" if sign > 0 else "negative (t1 < t0)"
     if isinstance(dt0, torch.Tensor) and dt0.numel() > 1:
         if not bool(torch.isfinite(dt0).all()):
             raise ValueError("dt0 must be finite.")
+        if bool((dt0 * sign <= 0).any()):
+            raise ValueError(f"dt0 must be nonzero and point from t0 to t1: every entry {direction}.")
         return dt0.detach().to(torch.float64) * sign
     v = _as_time(dt0, "dt0")
     if v == 0.0:
         raise ValueError("dt0 must be nonzero.")
+    if v * sign < 0:
+        raise ValueError(f"dt0={v} points away from t1: integrating from t0 to t1 needs dt0 {direction}.")
     return v * sign
 
 
@@ -298,7 +309,7 @@ def integrate(p: Problem) -> Solution:
 
 
 def _check_step_output(y0, y1, terms, solver, t0, args):
-    if y1.shape != y0.shape or y1.dtype != y0.dtype:
+    if not isinstance(y1, torch.Tensor) or y1.shape != y0.shape or y1.dtype != y0.dtype or y1.device != y0.device:
         _raise_shape(terms, solver, t0, y0, args, y1)
 
 
@@ -312,7 +323,7 @@ class _diagnose_vector_field:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None and issubclass(exc_type, RuntimeError):
+        if exc_type is not None and issubclass(exc_type, (RuntimeError, TypeError, AttributeError)):
             _raise_shape(*self.a)
         return False
 
@@ -326,7 +337,13 @@ def _raise_shape(terms, solver, t0, y0, args, y1=None):
             out = y1
     except Exception as e:  # the vector field itself fails: report that
         raise ValueError(f"The vector field failed on y of shape {tuple(y0.shape)}: {e}") from e
+    if out is None and solver.term_structure == "ode" and terms.is_ode:
+        raise TypeError("The vector field returned None: it must return a tensor of the shape of y (a missing return?).")
     if out is not None and isinstance(out, torch.Tensor):
+        if out.device != y0.device:
+            raise ValueError(
+                f"The vector field returned a tensor on {out.device} but y is on {y0.device}; return it on {y0.device}."
+            )
         if out.shape != y0.shape:
             raise ValueError(
                 f"The vector field returned shape {tuple(out.shape)} but y has shape {tuple(y0.shape)}; "
@@ -413,7 +430,7 @@ def _integrate_joint(p: Problem) -> Solution:
             restart = False
         try:
             y1, y_err, info, new_state, n = solver.step(terms, t, t_next, y, args, state)
-        except RuntimeError:
+        except (RuntimeError, TypeError, AttributeError):
             if first:
                 _raise_shape(terms, solver, t, y, args)
             raise
@@ -535,6 +552,10 @@ def _output_ts_joint(p, step_ts, t_final):
 
 # ----------------------------------------------------------------------------------------------
 def _tree_where(mask, new, old):
+    if type(new) is list and len(new) == 1 and type(old) is list and isinstance(new[0], torch.Tensor) \
+            and isinstance(old[0], torch.Tensor):  # the common FSAL state: one stage
+        a = new[0]
+        return [torch.where(mask.reshape(mask.shape + (1,) * (a.dim() - mask.dim())), a, old[0])]
     if new is None or old is None:
         return None
     if isinstance(new, torch.Tensor):
