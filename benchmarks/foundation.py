@@ -106,7 +106,8 @@ def main():
     problems = [("batch256/dim16/w64", 256, 16, 64, 5.0), ("batch16/dim4/w32", 16, 4, 32, 10.0)]
     tols = [1e-6] if a.quick else [1e-6, 1e-8]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, median of {a.repeats}")
-    print(f"{'problem':20s} {'tol':>6s} {'library':28s} {'time ms':>9s} {'NFE':>6s} {'steps':>6s} {'overhead':>9s} {'vs torchdiffeq':>15s}")
+    summary = []
+    print(f"{'problem':20s} {'tol':>6s} {'library':32s} {'time ms':>9s} {'NFE':>6s} {'steps':>6s} {'overhead':>9s} {'vs torchdiffeq':>15s}")
     for name, batch, dim, width, t1 in problems:
         net = mlp(dim, width)
         torch.manual_seed(1)
@@ -122,17 +123,26 @@ def main():
                 pass
             runs += [
                 ("nde Dopri5 joint", run_nde(net, y0, t1, tol, nde.solvers.Dopri5(), "joint")),
-                ("nde Dopri5(shampine) joint", run_nde(net, y0, t1, tol, nde.solvers.Dopri5("shampine"), "joint")),
+                ("nde Dopri5(dormand-prince) joint",
+                 run_nde(net, y0, t1, tol, nde.solvers.Dopri5("dormand-prince"), "joint")),
                 ("nde Tsit5 joint", run_nde(net, y0, t1, tol, nde.solvers.Tsit5(), "joint")),
                 ("nde Dopri5 independent", run_nde(net, y0, t1, tol, nde.solvers.Dopri5(), "independent")),
             ]
-            base = None
+            res = {}
             for lib, go in runs:
                 wall, (nfe, steps) = timeit(go, a.repeats)
-                base = wall if base is None else base
+                res[lib] = (wall, nfe)
+                base = res["torchdiffeq dopri5"][0]
                 over = wall / (nfe * t_f)
-                print(f"{name:20s} {tol:6.0e} {lib:28s} {wall * 1e3:9.2f} {nfe:6d} {str(steps or '-'):>6s} "
+                print(f"{name:20s} {tol:6.0e} {lib:32s} {wall * 1e3:9.2f} {nfe:6d} {str(steps or '-'):>6s} "
                       f"{over:9.2f} {wall / base:14.2f}x")
+            summary.append((name, tol, res, t_f))
+    print("\nSummary (nde Dopri5 joint against torchdiffeq dopri5; independent against joint):")
+    for name, tol, res, t_f in summary:
+        (w, n), (wt, nt) = res["nde Dopri5 joint"], res["torchdiffeq dopri5"]
+        wi = res["nde Dopri5 independent"][0]
+        print(f"  {name} tol {tol:.0e}: overhead {w / (n * t_f):.2f}, time {w / wt:.2f}x torchdiffeq, "
+              f"NFE {n} vs {nt}, independent/joint {wi / w:.2f}x")
 
 
 if __name__ == "__main__":

@@ -147,6 +147,14 @@ class PIDController(AbstractController):
         scale = torch.maximum(y0.abs(), y1.abs()).mul_(self.rtol).add_(atol)
         return y_err / scale
 
+    def _error_norm(self, y0, y1, y_err):
+        """The scaled error norm of one joint step, as a Python float (the one host sync of a step)."""
+        scaled = self._scaled(y0, y1, y_err)
+        if self.norm is not None:
+            return float(self.norm(scaled))
+        # the RMS norm, its division by sqrt(n) done on the host
+        return float(torch.linalg.vector_norm(scaled)) / math.sqrt(max(scaled.numel(), 1))
+
     def _betas(self, q):
         return ((self.pcoeff + self.icoeff + self.dcoeff) / q, -(self.pcoeff + 2 * self.dcoeff) / q, self.dcoeff / q)
 
@@ -217,12 +225,11 @@ class PIDController(AbstractController):
     def adapt_joint(self, t0, t1, y0, y1, y_err, state):
         """Returns ``(accept, next_t0, next_t1, made_jump, state, error_norm)``."""
         prev1, prev2, q = state
-        with torch.no_grad():
-            scaled = self._scaled(y0, y1, y_err)
-            if self.norm is not None:
-                err = float(self.norm(scaled))
-            else:  # the RMS norm, its division by sqrt(n) done on the host
-                err = float(torch.linalg.vector_norm(scaled)) / math.sqrt(max(scaled.numel(), 1))
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                err = self._error_norm(y0, y1, y_err)
+        else:
+            err = self._error_norm(y0, y1, y_err)
         dt = t1 - t0
         if not math.isfinite(err):
             accept = False
