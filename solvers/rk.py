@@ -95,12 +95,13 @@ def _combine(y0, ks, nz, coef, dt, zero=None):
             return torch.mm(coef, K).mul_(dt).reshape(ks[0].shape)
         return torch.addmm(y0.reshape(1, -1), coef, K, alpha=dt).reshape(y0.shape)
     if len(idx) == 1:
-        comb = ks[idx[0]] * vals[0]
-    else:
-        K = torch.stack([ks[j] for j in idx]).reshape(len(idx), -1)
-        comb = torch.mm(coef, K).reshape(ks[0].shape)
+        if y0 is None:
+            return ks[idx[0]] * (dt * vals[0])
+        return torch.addcmul(y0, dt, ks[idx[0]], value=vals[0])
+    K = torch.stack([ks[j] for j in idx]).reshape(len(idx), -1)
+    comb = torch.mm(coef, K).reshape(ks[0].shape)
     if y0 is None:
-        return comb * dt
+        return comb.mul_(dt) if not torch.is_grad_enabled() else comb * dt
     return torch.addcmul(y0, dt, comb)
 
 
@@ -144,6 +145,7 @@ class ExplicitRK(AbstractSolver):
         dt = t1 - t0
         joint = isinstance(dt, float)
         if not joint:
+            dt64 = dt
             dt = dt.to(y0.dtype)
         nfe = 0
         ode_only = only_ode_terms(terms)
@@ -163,7 +165,7 @@ class ExplicitRK(AbstractSolver):
             ts = ts.unbind()
         else:
             c = co["c"].reshape((-1,) + (1,) * t0.dim())
-            ts = torch.addcmul(t0, c, t1 - t0).to(y0.dtype).unbind(0)  # every stage time in one operation
+            ts = torch.addcmul(t0, c, dt64).to(y0.dtype).unbind(0)  # every stage time in one operation
             if inside:
                 a, b = ts[0], (t0 + dt).to(y0.dtype)
                 lo, hi = torch.nextafter(a, b), torch.nextafter(b, a)
