@@ -20,9 +20,12 @@ steady states of ODEs).
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .solvers.fixed_point import (
     AbstractFixedPointSolver,
@@ -30,7 +33,7 @@ from .solvers.fixed_point import (
     get_fixed_point_solver,
 )
 
-__all__ = ["deq_fixed_point", "implicit_vjp", "jacobian_regularisation", "spectral_radius"]
+__all__ = ["deq_fixed_point", "implicit_vjp", "implicit_backward", "jacobian_regularisation", "spectral_radius"]
 
 _BACKWARDS = ("implicit", "phantom", "jfb", "unrolled")
 
@@ -71,39 +74,80 @@ def _as_args(args):
     return args if isinstance(args, tuple) else (args,)
 
 
-class _ImplicitHook:
-    """Tensor hook replacing the cotangent ``v`` of ``f(z*)`` by ``(I - J^T)^{-1} v``."""
+def implicit_backward(out: torch.Tensor, z: torch.Tensor, v: torch.Tensor,
+                      solver: AbstractFixedPointSolver | str = "anderson", batch_dims: int | None = None,
+                      identity: bool = False) -> FixedPointResult:
+    r"""Adjoint solve of a fixed point whose map has been evaluated once with a graph.
 
-    def __init__(self, out, z_leaf, solver, batch_dims, forward_result):
-        self.forward_result = forward_result
-        self.out = out
-        self.z_leaf = z_leaf
-        self.solver = solver
-        self.batch_dims = batch_dims
-        self.busy = False
-        self.last_result = None
+    ``out = phi(z)`` is one evaluation of the map at the fixed point, with ``z`` a leaf requiring
+    grad; the cotangent ``v`` of the fixed point becomes ``g`` solving
 
-    def vjp(self, u):
+    .. math:: g = (\partial \phi / \partial z)^\top g + v,
+
+    with vector-Jacobian products through the graph of ``out`` (kept for the caller, who then pulls
+    ``g`` through the same graph to the parameters). With ``identity=True`` the map is
+    ``phi(z) = z + out`` (``out`` a residual such as an ODE vector field, whose zero is the fixed
+    point): the products are ``u + u^T d(out)/dz``.
+
+    Parameters
+    ----------
+    out:
+        ``phi(z)`` (or the residual, with ``identity=True``), connected to ``z`` by a graph.
+    z:
+        The leaf the map was evaluated at.
+    v:
+        The incoming cotangent, shape of ``z``.
+    solver:
+        Solver of the linear system (its tolerances and ``throw`` apply).
+    batch_dims:
+        Leading batch dimensions (the map must not mix samples when positive).
+    identity:
+        Add the identity to the Jacobian (see above).
+
+    Returns
+    -------
+    FixedPointResult
+        ``result.value`` is ``g``.
+    """
+
+    def vjp(u):
         with torch.enable_grad():
-            (g,) = torch.autograd.grad(self.out, self.z_leaf, u, retain_graph=True, allow_unused=True)
-        return torch.zeros_like(u) if g is None else g
+            (g,) = torch.autograd.grad(out, z, u, retain_graph=True, allow_unused=True)
+        if g is None:
+            g = torch.zeros_like(u)
+        return u + g if identity else g
 
-    def __call__(self, grad):
-        if self.busy or grad is None:
-            return grad
+    return implicit_vjp(vjp, v, solver, batch_dims)
+
+
+class _ImplicitFunction(torch.autograd.Function):
+    """Identity on ``out = f(z*, *args)`` whose backward replaces the cotangent ``v`` by ``(I - J^T)^{-1} v``.
+
+    The graph of ``out`` is saved as an input of this node (no reference from ``out`` back to the
+    node), so the whole graph is freed with the output. The forward result is held weakly: its
+    residual history (one entry per forward iteration) is not kept alive by the graph.
+    """
+
+    @staticmethod
+    def forward(ctx, out, z_leaf, solver, batch_dims, forward_result):
+        ctx.solver, ctx.batch_dims, ctx.forward_result = solver, batch_dims, weakref.ref(forward_result)
+        ctx.save_for_backward(out, z_leaf)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
         if torch.is_grad_enabled():
             # create_graph=True: the adjoint solve would drop how J depends on z*(theta)
             raise RuntimeError(
                 "deq_fixed_point(backward='implicit') does not support higher-order gradients "
                 "(backward with create_graph=True); use backward='unrolled' or 'phantom' for those."
             )
-        self.busy = True
-        try:
-            self.last_result = implicit_vjp(self.vjp, grad, self.solver, self.batch_dims)
-            self.forward_result.backward = self.last_result
-        finally:
-            self.busy = False
-        return self.last_result.value
+        out, z_leaf = ctx.saved_tensors
+        result = implicit_backward(out, z_leaf, grad, ctx.solver, ctx.batch_dims)
+        forward_result = ctx.forward_result()
+        if forward_result is not None:
+            forward_result.backward = result
+        return result.value, None, None, None, None
 
 
 def deq_fixed_point(
@@ -190,8 +234,7 @@ def deq_fixed_point(
         z_leaf = z_star.detach().requires_grad_(True)
         out = f(z_leaf, *args)
         if out.requires_grad:
-            hook = _ImplicitHook(out, z_leaf, bsolver, batch_dims, result)
-            out.register_hook(hook)
+            out = _ImplicitFunction.apply(out, z_leaf, bsolver, batch_dims, result)
     elif backward == "jfb":
         out = f(z_star.detach(), *args)
     else:
@@ -302,3 +345,42 @@ def spectral_radius(f: Callable, z: torch.Tensor, args=(), iters: int = 30,
             v = w / norm.clamp_min(torch.finfo(w.dtype).tiny).reshape(bshape)
     # geometric mean over the second half: robust to complex dominant pairs (oscillating ratios)
     return torch.stack(logs[iters // 2:]).mean(0).exp().detach()
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Exact accounting of the CPU tensor memory created under the mode.
+
+    Every operator output (forward, saved tensors, the backward engine's temporaries, a solver's
+    buffers) is recorded with a weak reference to its storage, so a storage counts for exactly as
+    long as anything holds it; views share their storage's bytes. While ``measuring`` is True the
+    peak of the live total is kept in ``peak``. Deterministic, unlike peak RSS; used by the tests
+    and benchmarks of the backward passes' memory.
+
+    Examples
+    --------
+    >>> mode = LiveTensorBytes()
+    >>> with mode:
+    ...     loss = model(x).sum()
+    ...     mode.measuring = True
+    ...     grads = torch.autograd.grad(loss, params)
+    >>> mode.peak  # bytes
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = {}
+        self.measuring = False
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                st = t.untyped_storage()
+                known = self.live.get(st.data_ptr())
+                if known is None or known[0].expired():
+                    self.live[st.data_ptr()] = (StorageWeakRef(st), st.nbytes())
+        if self.measuring:
+            self.live = {k: v for k, v in self.live.items() if not v[0].expired()}
+            self.peak = max(self.peak, sum(b for _, b in self.live.values()))
+        return out

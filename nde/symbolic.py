@@ -254,11 +254,15 @@ _PYSR_HELP = (
 
 
 def _require_pysr(install_julia: bool = False):
-    """Import PySR, or raise a clear error saying what is missing, without touching Julia if it is absent."""
+    """Import PySR, or raise a clear error saying what is missing, without touching Julia if it is absent.
+
+    A missing dependency (the ``pysr`` package, or Julia) raises ``ImportError``; a Julia that is
+    found but cannot be started raises ``RuntimeError``.
+    """
     if importlib.util.find_spec("pysr") is None:
         raise ImportError("The PySR backend needs the `pysr` package, which is not installed. " + _PYSR_HELP)
     if not install_julia and _find_julia() is None:
-        raise RuntimeError("The PySR backend needs Julia, and no Julia installation was found. " + _PYSR_HELP)
+        raise ImportError("The PySR backend needs Julia, and no Julia installation was found. " + _PYSR_HELP)
     try:
         import pysr
     except Exception as e:  # juliacall raises plain Exceptions when Julia cannot be set up
@@ -380,7 +384,9 @@ def distill(model_or_f, data, backend: str | Callable = "sindy", variable_names:
         ``+``), ``threshold`` (0.05; coefficients below it are zeroed), ``alpha`` (ridge, 1e-8),
         ``max_iter``, ``optimizer`` (``"auto"``, ``"pysindy"``, ``"stlsq"``), ``max_samples``.
 
-        ``"pysr"``: PySR's ``PySRRegressor`` (needs ``pip install nde[pysr]`` and Julia). Options:
+        ``"pysr"``: PySR's ``PySRRegressor`` (needs ``pip install nde[pysr]`` and Julia; without
+        either it raises ``ImportError`` saying what to install, and ``RuntimeError`` if a Julia is
+        found but fails to start). Options:
         ``install_julia`` (False: raise when no Julia is installed rather than downloading one),
         ``max_samples`` (1000) and any ``PySRRegressor`` argument (``niterations``,
         ``binary_operators``, ``unary_operators``, ...).

@@ -137,9 +137,11 @@ def _resolve_batch_dims(z0, batch_dims):
 class AbstractFixedPointSolver:
     """Base class of the fixed-point solvers.
 
-    Subclasses implement ``_step(F, z, fz, g, state, active) -> (z_next, state)`` on
-    flattened ``(batch, dim)`` tensors; the loop here owns evaluation, residuals, per-sample
-    stopping, bookkeeping of the best iterate and failure reporting.
+    Subclasses implement ``_step(F, z, fz, g, state, active) -> (z_next, state, nfe)`` on
+    flattened ``(batch, dim)`` tensors (``active`` is a mask of the samples still iterating, or
+    None when all are; ``nfe`` counts evaluations of ``f`` the step made itself, e.g. Jacobian-vector
+    products); the loop here owns evaluation, residuals, per-sample stopping, bookkeeping of the best
+    iterate and failure reporting.
 
     Parameters
     ----------
@@ -217,7 +219,7 @@ class AbstractFixedPointSolver:
         real_dtype = z.real.dtype if z.is_complex() else z.dtype
         active = torch.ones(n, dtype=torch.bool, device=device)
         converged = torch.zeros(n, dtype=torch.bool, device=device)
-        iterations = torch.zeros(n, dtype=torch.long, device=device)
+        iterations = None
         best_r = torch.full((n,), float("inf"), dtype=real_dtype, device=device)
         best_z = z
         last_r = best_r
@@ -225,27 +227,47 @@ class AbstractFixedPointSolver:
         state = self._init_state(z)
         nfe = 0
         k = 0
+        # While every sample iterates (the common case) the per-sample masks are skipped: they select
+        # everything. A selection over a (batch, dim) tensor costs as much as several fused operations.
+        all_active = True
         for k in range(self.max_steps):
             fz = F(z)
             nfe += 1
             g = fz - z
             r = torch.linalg.vector_norm(g, dim=1)
             tol = self.atol + self.rtol * torch.linalg.vector_norm(fz, dim=1) if self.rtol else self.atol
-            finite = torch.isfinite(r)
-            last_r = torch.where(active, r, last_r)
+            conv = r <= tol
+            # r < inf is False for inf and NaN: a non-finite residual stops that sample
+            if all_active:
+                last_r = r
+                better = (r < best_r) | conv
+                still = ~conv & (r < math.inf)
+            else:
+                last_r = torch.where(active, r, last_r)
+                iterations = iterations + active
+                conv = active & conv
+                better = (active & (r < best_r)) | conv
+                still = active & ~conv & (r < math.inf)
             history.append(last_r)
-            iterations = iterations + active
-            conv = active & (r <= tol)
-            better = (active & (r < best_r)) | conv
             best_r = torch.where(better, r, best_r)
-            best_z = torch.where(better[:, None], z, best_z)
             converged = converged | conv
-            active = active & ~conv & finite
-            if k == self.max_steps - 1 or not bool(active.any()):
+            active = still
+            n_better, n_active = torch.stack((better, active)).sum(dim=1).tolist()  # the one host sync
+            if n_better == n:
+                best_z = z
+            elif n_better:
+                best_z = torch.where(better[:, None], z, best_z)
+            if all_active and n_active < n:
+                # every sample was active for the k + 1 evaluations so far
+                iterations = torch.full((n,), k + 1, dtype=torch.long, device=device)
+                all_active = False
+            if k == self.max_steps - 1 or not n_active:
                 break
-            z_next, state = self._step(F, z, fz, g, state, active)
-            nfe += getattr(self, "_extra_nfe", 0)
-            z = torch.where(active[:, None], z_next, z)
+            z_next, state, extra = self._step(F, z, fz, g, state, None if all_active else active)
+            nfe += extra
+            z = z_next if all_active else torch.where(active[:, None], z_next, z)
+        if iterations is None:
+            iterations = torch.full((n,), k + 1, dtype=torch.long, device=device)
         result = FixedPointResult(
             value=best_z.reshape(shape),
             converged=converged.reshape(batch_shape),
@@ -331,8 +353,8 @@ class FixedPointIteration(AbstractFixedPointSolver):
 
     def _step(self, F, z, fz, g, state, active):
         if self.damping == 1.0:
-            return fz, state
-        return z + self.damping * g, state
+            return fz, state, 0
+        return z + self.damping * g, state, 0
 
 
 def _write(buf, index, value, dim):
@@ -349,12 +371,15 @@ class Anderson(AbstractFixedPointSolver):
     Keeps the last ``m`` iterates ``x_i`` and images ``f(x_i)``; with ``G_i = f(x_i) - x_i``
     it solves per sample
 
-    .. math:: \min_\alpha \|\textstyle\sum_i \alpha_i G_i\|^2 + \lambda\|\alpha\|^2,\quad \sum_i \alpha_i = 1,
+    .. math:: \min_\alpha \|\textstyle\sum_i \alpha_i G_i\|^2 + \lambda \sum_i \|G_i\|^2 \alpha_i^2,\quad \sum_i \alpha_i = 1,
 
-    and sets ``z <- sum_i alpha_i ((1 - damping) x_i + damping f(x_i))``. The regulariser is
-    relative (``lam + 10 eps`` times the largest diagonal entry of the Gram matrix, ``eps`` the
-    machine epsilon of the dtype), so the method is invariant to the scale of ``z``. If the small
-    system is singular or its solution is not finite, that sample takes a plain damped step.
+    and sets ``z <- sum_i alpha_i ((1 - damping) x_i + damping f(x_i))``. The penalty on each weight
+    is relative to its own residual (``lambda = lam + 10 eps``, ``eps`` the machine epsilon of the
+    dtype; the small system is solved in equilibrated form), so the method is invariant to the scale
+    of ``z`` and the small residuals of recent iterates are not drowned by large early ones. If the
+    small system is singular or its solution is not finite, that sample takes a plain damped step.
+    Per iteration: one evaluation of ``f``, two buffer writes, one Gram row, one batched ``m x m``
+    solve and one batched mixing product.
 
     Walker & Ni, "Anderson acceleration for fixed-point iterations", SIAM J. Numer. Anal. 2011.
 
@@ -363,7 +388,7 @@ class Anderson(AbstractFixedPointSolver):
     m:
         Memory (number of stored iterates), at least 1.
     lam:
-        Relative Tikhonov regularisation of the mixing problem.
+        Relative Tikhonov regularisation of the mixing problem (see above).
     damping:
         Mixing weight in ``(0, 1]``.
     rtol, atol, max_steps, throw:
@@ -389,10 +414,11 @@ class Anderson(AbstractFixedPointSolver):
         Fx = z.new_zeros(n, self.m, d)
         G = z.new_zeros(n, self.m, d)
         Gram = z.new_zeros(n, self.m, self.m)
-        return [Fx, G, Gram, 0]
+        # rows of the identity: the mixing weights of a plain step onto slot j
+        return [Fx, G, Gram, 0, torch.eye(self.m, dtype=z.dtype, device=z.device)]
 
     def _step(self, F, z, fz, g, state, active):
-        Fx, G, Gram, count = state
+        Fx, G, Gram, count, onehot = state
         m = self.m
         j = count % m
         Fx = _write(Fx, j, fz, 1)
@@ -405,29 +431,41 @@ class Anderson(AbstractFixedPointSolver):
             Gram = Gram.clone()
         Gram[:, j, :k] = row
         Gram[:, :k, j] = row
-        state = [Fx, G, Gram, count]
+        state = [Fx, G, Gram, count, onehot]
         if k == 1:
-            return z + self.damping * g, state
+            return (fz if self.damping == 1.0 else z + self.damping * g), state, 0
         H = Gram[:, :k, :k]
-        scale = H.diagonal(dim1=1, dim2=2).amax(dim=1)
         finfo = torch.finfo(z.dtype)
-        reg = ((self.lam + 10 * finfo.eps) * scale + finfo.tiny)[:, None, None]
-        eye = torch.eye(k, dtype=z.dtype, device=z.device)
-        # frozen samples (their buffers repeat one residual) get a harmless identity system, so
-        # that nothing non-finite enters the graph when the iterations are differentiated
-        A = torch.where(active[:, None, None], H + reg * eye, eye)
-        ones = z.new_ones(z.shape[0], k, 1)
-        sol, info = torch.linalg.solve_ex(A, ones)
-        total = sol[:, :, 0].sum(dim=1, keepdim=True)
-        ok = (info == 0) & torch.isfinite(sol[:, :, 0]).all(dim=1) & (total[:, 0].abs() > finfo.tiny)
-        total = torch.where(ok[:, None], total, torch.ones_like(total))
-        alpha = torch.where(ok[:, None], sol[:, :, 0] / total, torch.full_like(sol[:, :, 0], 1.0 / k))
+        eye = onehot[:k, :k]
+        # Equilibrated ridge problem: with D = diag(H), solve (D^-1/2 H D^-1/2 + lam' I) beta = D^-1/2 1
+        # and alpha ~ D^-1/2 beta, the minimiser of alpha^T H alpha + lam' sum_i H_ii alpha_i^2. The
+        # penalty of each iterate is relative to its own residual, so the small residuals of the latest
+        # iterates are not drowned by the large early ones (a regulariser relative to max_i H_ii stalls
+        # the iteration until those leave the memory), and the method is invariant to the scale of z.
+        scale = H.diagonal(dim1=1, dim2=2).clamp_min(finfo.tiny).rsqrt()
+        A = scale[:, :, None] * H * scale[:, None, :] + (self.lam + 10 * finfo.eps) * eye
+        if active is not None:
+            # frozen samples (their buffers repeat one residual) get a harmless identity system, so
+            # that nothing non-finite enters the graph when the iterations are differentiated
+            A = torch.where(active[:, None, None], A, eye)
+        sol, info = torch.linalg.solve_ex(A, scale[:, :, None])
+        sol = scale * sol[:, :, 0]
+        total = sol.sum(dim=1, keepdim=True)
+        # a singular mixing problem (a failed factorisation, or weights summing to 0) gives non-finite
+        # weights: then all weight on the newest iterate, a plain damped step
+        if sol.requires_grad:
+            # divide only where it is safe, so that no 0/0 reaches the graph of unrolled iterations
+            ok = torch.isfinite(sol).all(dim=1) & (total[:, 0] != 0) & (info == 0)
+            alpha = sol / torch.where(ok[:, None], total, 1.0)
+        else:
+            alpha = sol / total
+            ok = torch.isfinite(alpha).all(dim=1) & (info == 0)
+        alpha = torch.where(ok[:, None], alpha, onehot[j, :k])
         # sum_i alpha_i ((1 - damping) x_i + damping f(x_i)) = sum_i alpha_i (f(x_i) - (1 - damping) G_i)
         z_new = torch.bmm(alpha[:, None, :], Fx[:, :k])[:, 0]
         if self.damping != 1.0:
             z_new = z_new - (1 - self.damping) * torch.bmm(alpha[:, None, :], G[:, :k])[:, 0]
-        z_new = torch.where(ok[:, None], z_new, z + self.damping * g)
-        return z_new, state
+        return z_new, state, 0
 
 
 class Broyden(AbstractFixedPointSolver):
@@ -478,23 +516,24 @@ class Broyden(AbstractFixedPointSolver):
         if z_prev is not None:
             s = z - z_prev
             y = g - g_prev
-            Hy = self._apply(U, V, y)
+            # only the stored updates take part (slots beyond count are stale after a restart)
+            Hy = self._apply(U[:, :count], V[:, :count], y)
             denom = (s * Hy).sum(dim=1)
             tiny = torch.finfo(z.dtype).eps * torch.linalg.vector_norm(s, dim=1) * torch.linalg.vector_norm(Hy, dim=1)
             ok = denom.abs() > tiny
             safe = torch.where(ok, denom, torch.ones_like(denom))
             u = torch.where(ok[:, None], (s - Hy) / safe[:, None], torch.zeros_like(s))
-            v = torch.where(ok[:, None], self._apply_t(U, V, s), torch.zeros_like(s))
+            v = torch.where(ok[:, None], self._apply_t(U[:, :count], V[:, :count], s), torch.zeros_like(s))
             if count == self.m:
                 # restarted limited-memory Broyden: dropping only the oldest pair can diverge
-                U, V, count = torch.zeros_like(U), torch.zeros_like(V), 0
+                count = 0
             U = _write(U, count, u, 1)
             V = _write(V, count, v, 1)
             count += 1
-        dz = -self._apply(U, V, g)
+        dz = -self._apply(U[:, :count], V[:, :count], g)
         bad = ~torch.isfinite(dz).all(dim=1)
         dz = torch.where(bad[:, None], g, dz)
-        return z + dz, [U, V, count, z, g]
+        return z + dz, [U, V, count, z, g], 0
 
 
 def _batched_dot(a, b):
@@ -617,7 +656,6 @@ class NewtonKrylov(AbstractFixedPointSolver):
         self.max_restarts = max_restarts
         self.damping = float(damping)
         self.jvp = jvp
-        self._extra_nfe = 0
 
     def _jvp_operator(self, F, z):
         if self.jvp == "forward":
@@ -639,10 +677,9 @@ class NewtonKrylov(AbstractFixedPointSolver):
         jvp = self._jvp_operator(F, z)
         dz, _, _, nmv = gmres(lambda v: jvp(v) - v, -g, None, rtol=self.gmres_rtol, atol=0.0,
                               restart=self.restart, max_restarts=self.max_restarts)
-        self._extra_nfe = nmv
         bad = ~torch.isfinite(dz).all(dim=1)
         dz = torch.where(bad[:, None], g, dz)
-        return z + self.damping * dz, state
+        return z + self.damping * dz, state, nmv
 
     def solve_linear(self, A, v, x0=None, batch_dims=None):
         """Solve ``x = A(x) + v`` by GMRES on ``(I - A) x = v`` (tolerances ``rtol``/``atol``)."""

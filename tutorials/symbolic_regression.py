@@ -165,6 +165,7 @@ print(eq_thesis_rounded)
 x, y = eq_thesis_rounded.variables
 exact_thesis = [sympy.simplify(e - t) == 0 for e, t in zip(eq_thesis_rounded.to_sympy(), [y / (1 + y), -x / (1 + x)])]
 print("recovered exactly:", all(exact_thesis))
+assert all(exact_thesis), eq_thesis_rounded
 
 # %% [markdown]
 # The model renders as LaTeX:
@@ -204,6 +205,7 @@ eq_lv_rounded = eq_lv.round(2)
 print(eq_lv_rounded)
 exact_lv = max(relative_errors(eq_lv_rounded).values()) == 0.0
 print("recovered exactly:", exact_lv)
+assert exact_lv, eq_lv_rounded
 
 # %% [markdown]
 # ## True, learned and symbolic trajectories

@@ -1,10 +1,12 @@
+import warnings
+
 import pytest
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from nde.models.deq import DEQ, DEQInfo, MonotoneDEQ
-from nde.solvers.fixed_point import Anderson, Broyden
+from nde.solvers.fixed_point import Anderson, Broyden, FixedPointWarning
 
 
 def rings(n=256, seed=0):
@@ -151,3 +153,38 @@ def test_convolutional_deq_image_state():
     sdeq = DEQ(ConvCell(3), norm="spectral")
     assert parametrize.is_parametrized(sdeq.cell.conv, "weight")
     assert sdeq(torch.randn(2, 3, 5, 5)).shape == (2, 3, 5, 5)
+
+
+def test_weight_norm_reparametrises_the_cell_and_trains():
+    torch.manual_seed(5)
+    x, y = rings()
+    h = 16
+    deq = DEQ(TanhCell(h), norm="weight", jacobian_samples=1, rtol=1e-4, atol=1e-6, max_steps=40)
+    lin = deq.cell.lin
+    g, v = lin.parametrizations.weight.original0, lin.parametrizations.weight.original1
+    torch.testing.assert_close(lin.weight, g * v / v.norm(dim=1, keepdim=True))
+    model = nn.Sequential(nn.Linear(2, h), deq, nn.Linear(h, 2))
+    # the layer sees the normalised weight: scaling the direction v changes nothing
+    out = model(x)
+    with torch.no_grad():
+        v.mul_(3.0)
+    torch.testing.assert_close(model(x), out, rtol=0, atol=1e-5)
+    g0, v0 = g.detach().clone(), (v / v.norm(dim=1, keepdim=True)).detach().clone()
+    # weight normalisation does not bound the Lipschitz constant: the Jacobian regulariser keeps the
+    # equilibrium well posed while the cell trains
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FixedPointWarning)  # every equilibrium of training converges
+        for _ in range(150):
+            logits = model(x)
+            loss = nn.functional.cross_entropy(logits, y) + 5.0 * deq.last_info.jacobian_loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            acc = (model(x).argmax(1) == y).float().mean().item()
+    assert acc >= 0.98, acc
+    # both the magnitude g and the direction v / ||v|| were trained through the implicit gradient
+    assert (g.detach() - g0).abs().max() > 1e-2
+    assert (v / v.norm(dim=1, keepdim=True) - v0).detach().abs().max() > 1e-2

@@ -348,19 +348,28 @@ def test_pysr_inputs_and_expression_conversion():
     assert model2.variable_names == ["prey", "predator"] and model2.info["fit_error"] < 1e-3
 
 
-def test_pysr_without_julia_raises_clear_error(monkeypatch):
+def test_pysr_without_julia_or_pysr_raises_clear_import_error(monkeypatch):
     data = symbolic.VectorFieldData(torch.rand(10, 2), torch.rand(10, 2))
     had_pysr = "pysr" in sys.modules
-    monkeypatch.setattr(symbolic, "_find_julia", lambda: None)
     real_find_spec = importlib.util.find_spec
+    # pysr importable, no Julia
+    monkeypatch.setattr(symbolic, "_find_julia", lambda: None)
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "pysr" else real_find_spec(n, *a))
-    with pytest.raises(RuntimeError, match="Julia") as info:
+    with pytest.raises(ImportError, match="needs Julia") as info:
         symbolic.distill(None, data, backend="pysr")
     msg = str(info.value)
-    assert "pip install nde[pysr]" in msg and 'backend="sindy"' in msg
+    assert "pip install nde[pysr]" in msg and 'backend="sindy"' in msg and "install_julia=True" in msg
     assert ("pysr" in sys.modules) == had_pysr  # nothing was imported
+    # pysr missing
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "pysr" else real_find_spec(n, *a))
-    with pytest.raises(ImportError, match=r"pip install nde\[pysr\]"):
+    with pytest.raises(ImportError, match=r"needs the `pysr` package.*pip install nde\[pysr\]") as info:
+        symbolic.distill(None, data, backend="pysr")
+    assert 'backend="sindy"' in str(info.value)
+    # a Julia is found but PySR cannot start it: RuntimeError with the underlying message
+    monkeypatch.setattr(symbolic, "_find_julia", lambda: "/opt/julia/bin/julia")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "pysr" else real_find_spec(n, *a))
+    monkeypatch.setitem(sys.modules, "pysr", None)  # makes `import pysr` fail
+    with pytest.raises(RuntimeError, match="could not start Julia"):
         symbolic.distill(None, data, backend="pysr")
 
 

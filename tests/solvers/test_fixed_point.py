@@ -213,3 +213,60 @@ def test_differentiating_through_iterations_with_frozen_samples_is_finite(cls):
     assert res.iterations[0] < res.iterations[1:].min()
     (g,) = torch.autograd.grad(res.value.pow(2).sum(), lin.weight)
     assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_solver_instance_holds_no_per_call_state(cls):
+    # one instance may serve nested solves (a map that itself solves with the same solver) and
+    # several threads: nothing about a call is stored on it, and nfe counts that call's evaluations
+    s = cls(rtol=0, atol=1e-10, max_steps=200)
+    f, b = contractive_problem(batch=2, dim=6)
+    before = dict(vars(s))
+    calls = [0]
+
+    def counted(z, b):
+        calls[0] += 1
+        return f(z, b)
+
+    res = s.solve(counted, torch.zeros_like(b), (b,))
+    assert vars(s) == before
+    if cls is not NewtonKrylov:
+        assert res.nfe == calls[0]
+    else:
+        # forward-mode JVPs evaluate f once each: every evaluation is counted
+        assert res.nfe == calls[0] and res.nfe > res.num_steps
+
+    def nested(z, b):
+        inner = s.solve(lambda y: 0.5 * y + 1.0, torch.zeros(2, 3, dtype=F64))
+        return f(z, b) + 0 * inner.value.sum()
+
+    assert s.solve(nested, torch.zeros_like(b), (b,)).nfe == res.nfe
+
+
+@pytest.mark.parametrize("cls", [FixedPointIteration, Anderson, Broyden])
+def test_per_sample_iteration_counts_match_solving_each_sample_alone(cls):
+    # sample i: f(z) = A_i z + c with A_i symmetric of 2^i distinct eigenvalues in [-0.9, 0.9].
+    # Anderson and Broyden need more iterations the more eigenvalues there are, naive iteration
+    # the larger the spectral radius; each sample must stop on its own as if solved alone.
+    g = torch.Generator().manual_seed(5)
+    n, d = 4, 16
+    A = torch.empty(n, d, d, dtype=F64)
+    for i in range(n):
+        q = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=F64))[0]
+        eig = torch.linspace(-0.3 - 0.2 * i, 0.3 + 0.2 * i, 2 ** i, dtype=F64).repeat_interleave(d // 2 ** i)
+        A[i] = q @ torch.diag(eig) @ q.T
+    c = torch.randn(n, d, generator=g, dtype=F64)
+    f = lambda z, A, c: torch.bmm(A, z[:, :, None])[:, :, 0] + c  # noqa: E731
+    solver = cls(rtol=0, atol=1e-10, max_steps=500, **({"m": 20} if cls is Anderson else {}))
+    res = solver.solve(f, torch.zeros(n, d, dtype=F64), (A, c))
+    alone = [solver.solve(f, torch.zeros(1, d, dtype=F64), (A[i:i + 1], c[i:i + 1])) for i in range(n)]
+    assert res.iterations.tolist() == [int(r.iterations) for r in alone]
+    assert len(set(res.iterations.tolist())) >= 3, res.iterations  # the samples really differ
+    assert res.iterations.tolist() == sorted(res.iterations.tolist())
+    for i in range(n):
+        torch.testing.assert_close(res.value[i], alone[i].value[0], rtol=0, atol=1e-12)
+        # a converged sample is frozen: its residual stops changing
+        k = int(res.iterations[i])
+        assert torch.all(res.residual_history[k - 1:, i] == res.residual_history[-1, i])
+    exact = torch.linalg.solve(torch.eye(d, dtype=F64) - A, c[:, :, None])[:, :, 0]
+    assert (res.value - exact).abs().max() <= 1e-9
