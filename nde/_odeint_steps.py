@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import copy
+import inspect
 import math
 
 import torch
@@ -39,34 +40,41 @@ class MaxNumStepsExceeded(SolveError, AssertionError):
 class StepCell:
     """The step being taken, in user time, and which of its ends the vector field sees from inside."""
 
-    __slots__ = ("on", "a", "b", "na", "nb")
+    __slots__ = ("on", "a", "b", "na", "nb", "_near")
 
     def __init__(self):
         self.on = False
         self.a = self.b = 0.0
         self.na = self.nb = False
+        self._near = None
 
     def set(self, a, b, na, nb):
         self.a, self.b, self.na, self.nb = a, b, na, nb
         self.on = na or nb
+        self._near = None
 
     def inside(self, t):
         """``t`` moved one ulp into the step when it sits on a flagged end (else ``t`` unchanged)."""
+        near = self._near
+        if near is None or near[0] != t.dtype:
+            # once a step: the ends in t's dtype, each one ulp towards the other
+            ta = torch.tensor(self.a, dtype=t.dtype, device=t.device)
+            tb = torch.tensor(self.b, dtype=t.dtype, device=t.device)
+            tol = 2 * torch.finfo(t.dtype).eps * max(abs(self.a), abs(self.b))
+            near = self._near = (t.dtype, tol, torch.nextafter(ta, tb), torch.nextafter(tb, ta))
         v = float(t)
-        a, b = self.a, self.b
-        tol = 2 * torch.finfo(t.dtype).eps * max(abs(a), abs(b))
-        if self.nb and abs(v - b) <= tol:
-            end, other = b, a
-        elif self.na and abs(v - a) <= tol:
-            end, other = a, b
-        else:
-            return t
-        end = torch.tensor(end, dtype=t.dtype, device=t.device)
-        return torch.nextafter(end, torch.tensor(other, dtype=t.dtype, device=t.device))
+        if self.nb and abs(v - self.b) <= near[1]:
+            return near[3]
+        if self.na and abs(v - self.a) <= near[1]:
+            return near[2]
+        return t
 
 
 class OneSided:
     """``func(t, y)`` evaluated one ulp inside the current step at the ends its :class:`StepCell` flags."""
+
+    # (declared, so that wrapping it as a vector field needs no signature inspection)
+    __signature__ = inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in "ty"])
 
     def __init__(self, func, cell):
         self.func, self.cell = func, cell
