@@ -16,7 +16,7 @@ import torch
 from ._backsolve import BacksolveAdjoint
 from ._event import Event, ImplicitEventTime
 from ._odeint_steps import (
-    CALLBACKS, Callbacks, DropinPID, GridSteps, IntervalGrid, MaxNumStepsExceeded, OneSided, StepCell, find_callbacks,
+    CALLBACKS, Callbacks, DropinPID, GridSteps, IntervalGrid, OneSided, StepCell, find_callbacks,
     with_interpolation,
 )
 from ._saveat import SaveAt
@@ -608,6 +608,11 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
     ----------
     func:
         ``func(t, y)`` returning ``dy/dt`` (the structure of ``y``); a function or an ``nn.Module``.
+        As in torchdiffeq, the methods ``func.callback_step(t0, y0, dt)`` (before each step),
+        ``func.callback_accept_step`` and ``func.callback_reject_step`` (after each step of an
+        adaptive method) are called when ``func`` defines them; fixed-step methods call
+        ``callback_step`` only (not during an event search). ``t0`` is the user's time of the step's
+        start, ``dt > 0`` the size of the step actually taken.
     y0:
         Initial state: a tensor of any shape or a tuple of tensors.
     t:
@@ -625,13 +630,19 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
     options:
         Adaptive methods: ``first_step, safety, ifactor, dfactor, max_num_steps, dtype, step_t,
         jump_t, norm, min_step, max_step``. Fixed-step methods: ``step_size, grid_constructor,
-        perturb, interp`` (``"linear"`` or ``"cubic"``). ``scipy_solver``: ``solver, min_step,
-        max_step``. Constructor arguments of the nde solver (e.g. ``max_newton_iters``, alias
-        ``max_iters``) are accepted too; anything else raises ``ValueError``.
-        ``max_num_steps`` caps the total number of steps of the solve.
+        perturb, interp`` (``"linear"`` or ``"cubic"``: torchdiffeq's interpolants between grid
+        points). ``scipy_solver``: ``solver, min_step, max_step``. Constructor arguments of the nde
+        solver (e.g. ``max_newton_iters``, alias ``max_iters``) are accepted too. As in torchdiffeq,
+        any other option is ignored with a warning that names it and lists the accepted ones; an
+        invalid value raises ``ValueError`` or ``TypeError``. ``max_num_steps`` caps the steps
+        (accepted and rejected) between two consecutive output times; exceeding it raises an error
+        that is both an ``AssertionError`` (as torchdiffeq's) and a :class:`~nde.SolveError`. Adaptive stages that land on the end of a step at
+        ``t[-1]``, ``step_t`` or ``jump_t`` are evaluated one ulp inside the step, so a vector field
+        that jumps there is sampled on the step's side.
     event_fn:
         ``event_fn(t, y)``: when given, ``t`` must hold two times (start and direction) and the
-        solve runs until any element of ``event_fn`` changes sign.
+        solve runs until any element of ``event_fn`` changes sign. An element that is exactly zero
+        at ``t[0]`` is an event at ``t[0]`` (as torchdiffeq's adaptive methods).
 
     Returns
     -------
@@ -657,11 +668,21 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
     func, y0, t, rtol, atol, method, options, event_fn:
         As :func:`odeint`.
     adjoint_rtol, adjoint_atol, adjoint_method:
-        Tolerances and method of the backward solve; default those of the forward solve.
+        Tolerances and method of the backward solve; default those of the forward solve. The
+        backward solve may be adaptive for a fixed-step forward one and the reverse.
     adjoint_options:
-        ``dict(norm="seminorm")`` measures the error of the backward solve on the state and adjoint
-        only, not on the parameter gradients (Kidger et al. 2021, "Hey, that's not an ODE",
-        ICML), usually with fewer steps; ``norm="rms"`` (default) on everything.
+        The options of the backward solve, as ``options`` for ``adjoint_method``; default the
+        forward ``options`` without ``norm`` (when ``adjoint_method`` is that of the forward
+        solve). As in torchdiffeq it solves from each output time to the previous one: a fixed-step
+        method on the grid built for that interval (``step_size`` from its start,
+        ``grid_constructor(func, y0, t)`` called with the interval's two times, or the interval in
+        one step), an adaptive one with its error measured by ``norm``: by default the largest RMS
+        of the state, the adjoint state and each parameter's adjoint; ``"seminorm"`` leaves the
+        parameters' adjoints out (Kidger et al. 2021, "Hey, that's not an ODE", ICML), usually with
+        fewer steps; or a callable receiving torchdiffeq's tuple ``(t, y, adj_y, *adj_params)`` (the
+        tensors of a tuple state unpacked; ``t`` is 0, nde does not integrate ``dL/dt``).
+        ``func.callback_step_adjoint``, ``callback_accept_step_adjoint`` and
+        ``callback_reject_step_adjoint`` are called during the backward solve with that tuple.
     adjoint_params:
         The tensors to differentiate with respect to; default ``func.parameters()`` (``func`` must
         then be an ``nn.Module``). Parameters that ``func`` does not use get a zero gradient.
