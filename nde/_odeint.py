@@ -13,8 +13,12 @@ import warnings
 
 import torch
 
-from ._controllers import ConstantStepSize, PIDController
+from ._backsolve import BacksolveAdjoint
 from ._event import Event, ImplicitEventTime
+from ._odeint_steps import (
+    CALLBACKS, Callbacks, DropinPID, GridSteps, IntervalGrid, OneSided, StepCell, find_callbacks,
+    with_interpolation,
+)
 from ._saveat import SaveAt
 from ._solve import solve
 
@@ -52,7 +56,8 @@ METHODS = tuple(_METHODS)
 _ADAPTIVE_OPTIONS = ("first_step", "safety", "ifactor", "dfactor", "max_num_steps", "dtype", "step_t", "jump_t",
                      "norm", "min_step", "max_step")
 _FIXED_OPTIONS = ("step_size", "grid_constructor", "perturb", "interp", "norm", "dtype")
-_SCIPY_OPTIONS = ("solver", "min_step", "max_step", "norm", "dtype")
+# (torchdiffeq's scipy wrapper ignores grid_points and eps without a warning)
+_SCIPY_OPTIONS = ("solver", "min_step", "max_step", "norm", "dtype", "grid_points", "eps")
 _OPTION_ALIASES = {"max_iters": "max_newton_iters"}
 _EVENT_HORIZON = 1e18  # the far end of an event search ("until the event happens")
 _SOLVER_CACHE = {}
@@ -88,12 +93,16 @@ def _constructor_args(cls):
     return tuple(k for k, p in params.items() if k != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
 
 
-def _split_options(method, options):
-    """Validate ``options`` for ``method``; returns (drop-in options, solver constructor kwargs)."""
+def _split_options(method, options, name="options"):
+    """Validate ``options`` for ``method``; returns (drop-in options, solver constructor kwargs).
+
+    As torchdiffeq, an option the method does not know is ignored with a warning (naming it and
+    listing the accepted ones); an option whose value is invalid raises.
+    """
     kind = _METHODS[method][0]
+    if options is not None and not isinstance(options, dict):
+        raise TypeError(f"{name} must be a dict; got {type(options).__name__}.")
     options = {} if options is None else dict(options)
-    if not isinstance(options, dict):
-        raise TypeError(f"options must be a dict; got {type(options).__name__}.")
     allowed = {"adaptive": _ADAPTIVE_OPTIONS, "fixed": _FIXED_OPTIONS, "scipy": _SCIPY_OPTIONS}[kind]
     extra = None
     ours, solver_kw = {}, {}
@@ -115,25 +124,31 @@ def _split_options(method, options):
                 hint = f" ({k!r} is an option of fixed-step methods such as 'rk4'; {method!r} chooses its own steps: use 'first_step' or 'max_step')"
             elif kind == "fixed" and k in _ADAPTIVE_OPTIONS:
                 hint = f" ({k!r} is an option of adaptive methods such as 'dopri5'; {method!r} takes fixed steps: use 'step_size')"
-            raise ValueError(f"Unknown option {k!r} for method={method!r}{hint}. Accepted options: {accepted}.")
+            warnings.warn(
+                f"Unknown option {k!r} in {name} for method={method!r}, ignored{hint}. Accepted options: {accepted}.",
+                UserWarning, stacklevel=4,
+            )
     if "interp" in ours and ours["interp"] not in ("linear", "cubic"):
-        raise ValueError(f"options['interp'] must be 'linear' or 'cubic'; got {ours['interp']!r}.")
-    if "step_size" in ours and "grid_constructor" in ours and ours["step_size"] is not None and ours["grid_constructor"] is not None:
-        raise ValueError("options 'step_size' and 'grid_constructor' are mutually exclusive: pass one of them.")
+        raise ValueError(f"{name}['interp'] must be 'linear' or 'cubic'; got {ours['interp']!r}.")
+    if ours.get("step_size") is not None and ours.get("grid_constructor") is not None:
+        raise ValueError(f"{name} 'step_size' and 'grid_constructor' are mutually exclusive: pass one of them.")
+    if ours.get("grid_constructor") is not None and not callable(ours["grid_constructor"]):
+        raise TypeError(f"{name}['grid_constructor'] must be callable as grid_constructor(func, y0, t); "
+                        f"got {type(ours['grid_constructor']).__name__}.")
     if ours.get("dtype") is not None and not (isinstance(ours["dtype"], torch.dtype) and ours["dtype"].is_floating_point):
-        raise TypeError(f"options['dtype'] must be a floating-point torch.dtype; got {ours['dtype']!r}.")
-    for name in ("first_step", "safety", "ifactor", "dfactor", "min_step", "max_step", "step_size"):
-        v = ours.get(name)
+        raise TypeError(f"{name}['dtype'] must be a floating-point torch.dtype; got {ours['dtype']!r}.")
+    for opt in ("first_step", "safety", "ifactor", "dfactor", "min_step", "max_step", "step_size"):
+        v = ours.get(opt)
         if v is not None:
-            v = _number(v, f"options[{name!r}]")
-            if not (v > 0 or (name == "min_step" and v == 0) or (name == "max_step" and v == math.inf)):
-                raise ValueError(f"options[{name!r}] must be positive; got {v}.")
-            ours[name] = v
+            v = _number(v, f"{name}[{opt!r}]")
+            if not (v > 0 or (opt == "min_step" and v == 0) or (opt == "max_step" and v == math.inf)):
+                raise ValueError(f"{name}[{opt!r}] must be positive; got {v}.")
+            ours[opt] = v
     if ours.get("norm") is not None and not callable(ours["norm"]):
-        raise TypeError(f"options['norm'] must be a callable norm(tensor) -> scalar; got {type(ours['norm']).__name__}.")
+        raise TypeError(f"{name}['norm'] must be a callable norm(tensor) -> scalar; got {type(ours['norm']).__name__}.")
     mns = ours.get("max_num_steps")
     if mns is not None and (isinstance(mns, bool) or not isinstance(mns, int) or mns < 1):
-        raise ValueError(f"options['max_num_steps'] must be a positive integer; got {mns!r}.")
+        raise ValueError(f"{name}['max_num_steps'] must be a positive integer; got {mns!r}.")
     return ours, solver_kw
 
 
@@ -266,97 +281,17 @@ def _check_t(t):
     return t, vals.tolist()
 
 
-class _StepCell:
-    """The interval of the step being taken (internal time); shared by a controller and a field."""
-
-    __slots__ = ("a", "b")
-
-    def __init__(self):
-        self.a = self.b = None
-
-
-class _GridSteps(ConstantStepSize):
-    """Steps that land on prescribed grid points (internal time): a list, or ``start + i * step``."""
-
-    def __init__(self, grid=None, start=None, step=None, cell=None):
-        self.grid, self.start, self.step, self.cell = grid, start, step, cell
-
-    def _point(self, i):
-        if self.grid is not None:
-            return self.grid[min(i, len(self.grid) - 1)]
-        return self.start + i * self.step
-
-    def init_joint(self, terms, t0, t1, y0, dt0, args, solver, error_order=None):
-        nxt = min(self._point(1), t1)
-        if self.cell is not None:
-            self.cell.a, self.cell.b = t0, nxt
-        return nxt, 1, 0
-
-    def adapt_joint(self, t0, t1, y0, y1, y_err, state):
-        nxt = self._point(state + 1)
-        if self.cell is not None:
-            self.cell.a, self.cell.b = t1, nxt
-        return True, t1, nxt, False, state + 1, 0.0
-
-    def __repr__(self):
-        return "GridSteps()"
-
-
-class _TrackedPID(PIDController):
-    """PIDController that accepts a per-element ``rtol``, records the current step interval, and
-    accepts a step of size ``dtmin`` whatever its error (``min_step`` semantics)."""
-
-    def __init__(self, rtol, cell=None, **kw):
-        super().__init__(rtol=rtol if isinstance(rtol, float) else 1.0, **kw)
-        if not isinstance(rtol, float):
-            self.rtol = rtol
-        self._cell = cell
-
-    def _next_t1(self, t0, t1, t_end):
-        out = super()._next_t1(t0, t1, t_end)
-        if self._cell is not None:
-            self._cell.a, self._cell.b = t0, out
-        return out
-
-    def adapt_joint(self, t0, t1, y0, y1, y_err, state):
-        out = super().adapt_joint(t0, t1, y0, y1, y_err, state)
-        if out[0] or self.dtmin is None or not self.force_dtmin or t1 - t0 > self.dtmin * (1 + 1e-9):
-            return out
-        err = out[5]
-        prev1, _, q = state
-        jump = bool(self.jump_ts) and t1 in self.jump_ts
-        first = max(err, 1e-10) if math.isfinite(err) else 1.0
-        return True, t1, t1 + self._clip_dt(t1 - t0), jump, (first, prev1, q), err
-
-
-class _OneSided:
-    """Evaluates ``func`` at a step's ends from inside the step (its one-sided limits).
-
-    At the left end of the current step time is nudged one ulp towards the right end and vice versa,
-    so that a vector field with a jump at a grid point or at ``jump_t`` is sampled on the correct side.
-    """
-
-    def __init__(self, func, cell, sign):
-        self.func, self.cell, self.sign = func, cell, sign
-
-    def __call__(self, t, y):
-        a, b = self.cell.a, self.cell.b
-        if a is not None and isinstance(t, torch.Tensor) and t.dim() == 0:
-            ta = torch.tensor(a * self.sign, dtype=t.dtype, device=t.device)
-            tb = torch.tensor(b * self.sign, dtype=t.dtype, device=t.device)
-            if bool(t == ta):
-                t = torch.nextafter(t, tb)
-            elif bool(t == tb):
-                t = torch.nextafter(t, ta)
-        return self.func(t, y)
-
-
 # ---- the common set-up -----------------------------------------------------------------------
 class _Plan:
     pass
 
 
-def _plan(func, y0, t, rtol, atol, method, options, event_fn):
+def _plan(func, y0, t, rtol, atol, method, options, event_fn, back_cell=False):
+    """Everything a solve needs, from torchdiffeq's arguments.
+
+    ``back_cell``: the adjoint pass evaluates the vector field one-sidedly at some step ends (its
+    controller then drives the same :class:`StepCell` as the forward one).
+    """
     if not callable(func):
         raise TypeError(f"func must be callable as func(t, y); got {type(func).__name__}.")
     method = _check_method(method)
@@ -380,21 +315,22 @@ def _plan(func, y0, t, rtol, atol, method, options, event_fn):
         P.event_cond = cond
         P.event = Event(cond, direction=None, terminal=True)
     P.cell = None
+    P.callbacks = _callbacks(P, find_callbacks(func), "func")
     if P.kind == "scipy":
         P.field = field
         return P
-    if P.kind == "fixed" and isinstance(P.rtol, float) and isinstance(P.atol, float) and (
-        (rtol, atol) != (1e-7, 1e-9) or solver_kw
-    ):
-        ctor = _constructor_args(_solver_class(method))
-        if "rtol" in ctor and "atol" in ctor:
-            solver_kw = {"rtol": P.rtol, "atol": P.atol, **solver_kw}
-    P.solver = _make_solver(method, solver_kw)
-    one_sided = (P.kind == "fixed" and bool(ours.get("perturb", False))) or (P.kind == "adaptive" and ours.get("jump_t") is not None)
-    if one_sided:
-        P.cell = _StepCell()
-        field = _OneSided(field, P.cell, P.sign)
+    P.solver = _build_solver(method, solver_kw, P.kind, rtol, atol, P.rtol, P.atol)
+    if P.kind == "fixed":
+        # outputs between grid points are torchdiffeq's interpolants of the step's ends
+        P.solver = with_interpolation(P.solver, ours.get("interp", "linear"))
+    # stages at a step's end see the vector field from inside the step: at every step end with
+    # perturb=True (fixed grids), at the ends where a discontinuity may sit for adaptive methods
+    if P.kind == "adaptive" or bool(ours.get("perturb", False)) or back_cell:
+        P.cell = StepCell()
+        field = OneSided(field, P.cell)
     P.field = field
+    if len(tl) == 1 and P.event is None:
+        return P  # nothing to integrate
     t0, t1 = tl[0], tl[-1]
     if P.event is not None:
         t1 = t0 + P.sign * _EVENT_HORIZON
@@ -406,6 +342,35 @@ def _plan(func, y0, t, rtol, atol, method, options, event_fn):
     return P
 
 
+def _build_solver(method, solver_kw, kind, rtol, atol, rt, at):
+    """The nde solver; an implicit fixed-step one also gets the tolerances of its stage iterations."""
+    if kind == "fixed" and isinstance(rt, float) and isinstance(at, float) and ((rtol, atol) != (1e-7, 1e-9) or solver_kw):
+        ctor = _constructor_args(_solver_class(method))
+        if "rtol" in ctor and "atol" in ctor:
+            solver_kw = {"rtol": rt, "atol": at, **solver_kw}
+    return _make_solver(method, solver_kw)
+
+
+def _callbacks(P, found, owner):
+    """The callbacks of the method's kind, in torchdiffeq's convention; warns about unsupported ones."""
+    if not found:
+        return None
+    supported = {"adaptive": CALLBACKS, "fixed": ("callback_step",), "scipy": ()}[P.kind]
+    unsupported = sorted(k for k in found if k not in supported)
+    if unsupported:
+        warnings.warn(
+            f"method={P.method!r} does not call the callbacks {unsupported} of {owner} "
+            f"(it supports {list(supported) if supported else 'none'}).", UserWarning, stacklevel=4,
+        )
+    cb = {k: v for k, v in found.items() if k in supported}
+    if not cb:
+        return None
+    tdtype = torch.float64 if P.kind == "adaptive" else P.t.dtype
+    wrap = None if P.flat is None else P.flat.unflatten
+    return Callbacks(cb.get("callback_step"), cb.get("callback_accept_step"), cb.get("callback_reject_step"),
+                     wrap=wrap, tdtype=tdtype)
+
+
 def _adaptive_setup(P, ours):
     step_t, jump_t = ours.get("step_t"), ours.get("jump_t")
     if step_t is not None and jump_t is not None:
@@ -415,23 +380,27 @@ def _adaptive_setup(P, ours):
     norm = ours.get("norm")
     if P.flat is not None:
         norm = _mixed_norm(P.flat, norm)
-    min_step = ours.get("min_step") or None
-    max_step = ours.get("max_step")
-    kw = dict(
-        atol=P.atol, norm=norm, dtmin=min_step, force_dtmin=min_step is not None,
-        dtmax=None if max_step in (None, math.inf) else max_step,
-        factormin=ours.get("dfactor", 0.2), factormax=ours.get("ifactor", 10.0), safety=ours.get("safety", 0.9),
-        step_ts=_times(step_t), jump_ts=_times(jump_t),
-    )
-    if P.cell is not None or not isinstance(P.rtol, float) or min_step is not None:
-        P.controller = _TrackedPID(P.rtol, cell=P.cell, **kw)
-    else:
-        P.controller = PIDController(rtol=P.rtol, **kw)
+    hooks = dict(cell=P.cell, to_user=P.sign, callbacks=P.callbacks, max_num_steps=ours.get("max_num_steps"),
+                 outs=() if P.event is not None else P.tl[1:])
+    P.controller = DropinPID(P.rtol, hooks=hooks, **_pid_kwargs(ours, P.atol, norm, _times(step_t), _times(jump_t)))
     first = ours.get("first_step")
     P.dt0 = None if first is None else first * P.sign
-    P.max_steps = ours.get("max_num_steps", None if P.event is None else "auto")
+    # torchdiffeq caps the steps between two output times (max_num_steps), not those of the solve; an
+    # event search gets nde's default cap
+    P.max_steps = None if P.event is None or ours.get("max_num_steps") is not None else "auto"
     P.saveat = SaveAt(ts=P.t.detach()) if P.event is None else SaveAt(t1=True)
-    P.linear = False
+
+
+def _pid_kwargs(ours, atol, norm, step_ts, jump_ts):
+    """PIDController arguments from torchdiffeq's adaptive options."""
+    min_step = ours.get("min_step") or None
+    max_step = ours.get("max_step")
+    return dict(
+        atol=atol, norm=norm, dtmin=min_step, force_dtmin=min_step is not None,
+        dtmax=None if max_step in (None, math.inf) else max_step,
+        factormin=ours.get("dfactor", 0.2), factormax=ours.get("ifactor", 10.0), safety=ours.get("safety", 0.9),
+        step_ts=step_ts, jump_ts=jump_ts,
+    )
 
 
 def _times(x):
@@ -440,59 +409,60 @@ def _times(x):
     return torch.as_tensor(x, dtype=torch.float64).detach().reshape(-1).cpu()
 
 
+def _step_grid(a, b, step, dtype):
+    """torchdiffeq's grid from ``a`` to ``b > a`` for ``step_size=step``: ``a + i * step``, then ``b``.
+
+    Computed as torchdiffeq computes it, in the dtype of ``t`` (so a float32 ``t`` gives the same
+    rounded grid points).
+    """
+    a_, b_ = torch.tensor(a, dtype=dtype), torch.tensor(b, dtype=dtype)
+    n = max(int(torch.ceil((b_ - a_) / step + 1).item()), 2)
+    grid = (torch.arange(0, n, dtype=dtype) * step + a_).tolist()
+    grid[-1] = b
+    return grid
+
+
+def _constructed_grid(gc, func, y0, t):
+    """``grid_constructor(func, y0, t)`` as a list of floats, checked to run from ``t[0]`` to ``t[-1]``."""
+    g = gc(func, y0, t)
+    g, gl = _check_t(g)
+    lo, hi = float(t[0]), float(t[-1])
+    if gl[0] != lo or gl[-1] != hi:
+        raise ValueError(
+            f"options['grid_constructor'] must return a grid starting at t[0]={lo} and ending at t[-1]={hi}; "
+            f"got one from {gl[0]} to {gl[-1]}."
+        )
+    return gl
+
+
 def _fixed_setup(P, ours):
     step = ours.get("step_size")
     gc = ours.get("grid_constructor")
     sign = P.sign
-    P.dt0 = None
     P.max_steps = None
-    P.linear = False
+    perturb = bool(ours.get("perturb", False))
+    hooks = dict(cell=P.cell if perturb else None, perturb=perturb, to_user=sign)
     if P.event is not None:
         if step is None:
             raise ValueError(
                 f"Event handling with the fixed-step method {P.method!r} needs options=dict(step_size=...)."
             )
-        P.controller = _GridSteps(start=sign * P.t0, step=step, cell=P.cell)
+        # (as torchdiffeq's, the event search calls no callbacks, and stops after 20000 steps)
+        P.controller = GridSteps(start=sign * P.t0, step=step, dtype=P.y.dtype, **hooks)
         P.dt0 = sign * step
-        P.max_steps = ours.get("max_num_steps", 20000)
+        P.max_steps = 20000
         P.saveat = SaveAt(t1=True)
         return
     tl = P.tl
     if step is not None:
-        T = (tl[-1] - tl[0]) * sign
-        n = max(int(math.ceil(T / step + 1)), 2)
-        grid = [sign * tl[0] + i * step for i in range(n - 1)] + [sign * tl[-1]]
+        grid = _step_grid(sign * tl[0], sign * tl[-1], step, P.t.dtype)
     elif gc is not None:
-        g = gc(P.user_func, P.y0_user, P.t)
-        g, gl = _check_t(g)
-        if gl[0] != tl[0] or gl[-1] != tl[-1]:
-            raise ValueError(
-                f"options['grid_constructor'] must return a grid starting at t[0]={tl[0]} and ending at t[-1]={tl[-1]}; "
-                f"got one from {gl[0]} to {gl[-1]}."
-            )
-        grid = [sign * x for x in gl]
+        grid = [sign * x for x in _constructed_grid(gc, P.user_func, P.y0_user, P.t)]
     else:
         grid = [sign * x for x in tl]
-    P.controller = _GridSteps(grid=grid, cell=P.cell)
-    # a step size for adjoints whose backward pass takes constant steps
-    P.dt0 = sign * (step if step is not None else min(b - a for a, b in zip(grid[:-1], grid[1:])))
-    on_grid = set(grid)
-    if all(sign * x in on_grid for x in tl) or ours.get("interp", "linear") == "cubic":
-        P.saveat = SaveAt(ts=P.t.detach())
-    else:
-        # the grid values, interpolated linearly onto t afterwards
-        P.grid = torch.tensor(grid, dtype=torch.float64)
-        P.saveat = SaveAt(ts=P.grid * sign)
-        P.linear = True
-
-
-def _interp_linear(ts, ys, t):
-    """Piecewise-linear interpolation of ``ys`` (at increasing ``ts``) at times ``t``."""
-    t = t.to(torch.float64)
-    i = torch.searchsorted(ts, t, right=True).clamp(1, ts.numel() - 1)
-    a, b = ts[i - 1], ts[i]
-    w = ((t - a) / (b - a)).to(ys.dtype).reshape((-1,) + (1,) * (ys.dim() - 1))
-    return ys[i - 1] + w * (ys[i] - ys[i - 1])
+    P.controller = GridSteps(grid=grid, callbacks=P.callbacks, **hooks)
+    P.dt0 = sign * (grid[1] - grid[0])
+    P.saveat = SaveAt(ts=P.t.detach())
 
 
 def _with_time_grad_start(P):
@@ -518,26 +488,37 @@ def _run(P, adjoint):
     y0 = _with_time_grad_start(P) if t_grad else P.y
     if P.kind == "scipy":
         return _run_scipy(P, y0)
-    if len(P.tl) == 1:
-        return y0.unsqueeze(0)
     if P.event is not None:
         return _run_event(P, y0, adjoint)
+    if len(P.tl) == 1:
+        return y0.unsqueeze(0)
+    _fresh(P)
     sol = solve(P.field, P.solver, P.t0, P.t1, y0, dt0=P.dt0, saveat=P.saveat, controller=P.controller,
                 adjoint=adjoint, max_steps=P.max_steps)
     ys = sol.ys
-    if P.linear:
-        ys = _interp_linear(P.grid, ys, P.t.detach() * P.sign)
     if t_grad:
         ys = _with_time_grad_outputs(P, ys)
     return ys
 
 
+def _fresh(P):
+    """No step is under way: the vector field is evaluated where it is asked."""
+    if P.cell is not None:
+        P.cell.on = False
+
+
 def _run_event(P, y0, adjoint):
     kw = dict(dt0=P.dt0, saveat=P.saveat, controller=P.controller, max_steps=P.max_steps)
-    if adjoint is None or not torch.is_grad_enabled():
+    _fresh(P)
+    with torch.no_grad():
+        c0 = P.event_cond(torch.tensor(P.t0, dtype=y0.dtype, device=y0.device), y0.detach())
+    if bool((torch.as_tensor(c0) == 0).any()):
+        # as torchdiffeq: a condition that is exactly zero at t0 is an event at t0
+        te, y_fixed = P.t0, y0
+    elif adjoint is None or not torch.is_grad_enabled():
         sol = solve(P.field, P.solver, P.t0, P.t1, y0, event=P.event, **kw)
         _check_event(sol, P)
-        t_ev, y_ev = sol.event_t, sol.ys[-1]
+        return sol.event_t.to(P.t.dtype), torch.stack([P.y, sol.ys[-1]])
     else:
         # the event time first (no graph), then the state at that time through the adjoint, and the
         # event time's gradient rerouted onto that state by the implicit function theorem
@@ -545,13 +526,13 @@ def _run_event(P, y0, adjoint):
             sol = solve(P.field, P.solver, P.t0, P.t1, y0.detach(), event=P.event, **kw)
         _check_event(sol, P)
         te = float(sol.event_t)
+        _fresh(P)
         fixed = solve(P.field, P.solver, P.t0, te, y0, dt0=P.dt0, saveat=SaveAt(t1=True), controller=P.controller,
                       adjoint=adjoint, max_steps=P.max_steps)
         y_fixed = fixed.ys[-1]
-        cond = _active_condition(P.event_cond, te, y_fixed)
-        t_ev, y_ev = ImplicitEventTime.apply(P.field, cond, torch.tensor(te, dtype=torch.float64), y_fixed)
-    solution = torch.stack([P.y, y_ev])
-    return t_ev.to(P.t.dtype), solution
+    cond = _active_condition(P.event_cond, te, y_fixed)
+    t_ev, y_ev = ImplicitEventTime.apply(P.field, cond, torch.tensor(te, dtype=torch.float64), y_fixed)
+    return t_ev.to(P.t.dtype), torch.stack([P.y, y_ev])
 
 
 def _active_condition(cond, te, y):
@@ -627,6 +608,11 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
     ----------
     func:
         ``func(t, y)`` returning ``dy/dt`` (the structure of ``y``); a function or an ``nn.Module``.
+        As in torchdiffeq, the methods ``func.callback_step(t0, y0, dt)`` (before each step),
+        ``func.callback_accept_step`` and ``func.callback_reject_step`` (after each step of an
+        adaptive method) are called when ``func`` defines them; fixed-step methods call
+        ``callback_step`` only (not during an event search). ``t0`` is the user's time of the step's
+        start, ``dt > 0`` the size of the step actually taken.
     y0:
         Initial state: a tensor of any shape or a tuple of tensors.
     t:
@@ -644,13 +630,19 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
     options:
         Adaptive methods: ``first_step, safety, ifactor, dfactor, max_num_steps, dtype, step_t,
         jump_t, norm, min_step, max_step``. Fixed-step methods: ``step_size, grid_constructor,
-        perturb, interp`` (``"linear"`` or ``"cubic"``). ``scipy_solver``: ``solver, min_step,
-        max_step``. Constructor arguments of the nde solver (e.g. ``max_newton_iters``, alias
-        ``max_iters``) are accepted too; anything else raises ``ValueError``.
-        ``max_num_steps`` caps the total number of steps of the solve.
+        perturb, interp`` (``"linear"`` or ``"cubic"``: torchdiffeq's interpolants between grid
+        points). ``scipy_solver``: ``solver, min_step, max_step``. Constructor arguments of the nde
+        solver (e.g. ``max_newton_iters``, alias ``max_iters``) are accepted too. As in torchdiffeq,
+        any other option is ignored with a warning that names it and lists the accepted ones; an
+        invalid value raises ``ValueError`` or ``TypeError``. ``max_num_steps`` caps the steps
+        (accepted and rejected) between two consecutive output times; exceeding it raises an error
+        that is both an ``AssertionError`` (as torchdiffeq's) and a :class:`~nde.SolveError`. Adaptive stages that land on the end of a step at
+        ``t[-1]``, ``step_t`` or ``jump_t`` are evaluated one ulp inside the step, so a vector field
+        that jumps there is sampled on the step's side.
     event_fn:
         ``event_fn(t, y)``: when given, ``t`` must hold two times (start and direction) and the
-        solve runs until any element of ``event_fn`` changes sign.
+        solve runs until any element of ``event_fn`` changes sign. An element that is exactly zero
+        at ``t[0]`` is an event at ``t[0]`` (as torchdiffeq's adaptive methods).
 
     Returns
     -------
@@ -676,11 +668,21 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
     func, y0, t, rtol, atol, method, options, event_fn:
         As :func:`odeint`.
     adjoint_rtol, adjoint_atol, adjoint_method:
-        Tolerances and method of the backward solve; default those of the forward solve.
+        Tolerances and method of the backward solve; default those of the forward solve. The
+        backward solve may be adaptive for a fixed-step forward one and the reverse.
     adjoint_options:
-        ``dict(norm="seminorm")`` measures the error of the backward solve on the state and adjoint
-        only, not on the parameter gradients (Kidger et al. 2021, "Hey, that's not an ODE",
-        ICML), usually with fewer steps; ``norm="rms"`` (default) on everything.
+        The options of the backward solve, as ``options`` for ``adjoint_method``; default the
+        forward ``options`` without ``norm`` (when ``adjoint_method`` is that of the forward
+        solve). As in torchdiffeq it solves from each output time to the previous one: a fixed-step
+        method on the grid built for that interval (``step_size`` from its start,
+        ``grid_constructor(func, y0, t)`` called with the interval's two times, or the interval in
+        one step), an adaptive one with its error measured by ``norm``: by default the largest RMS
+        of the state, the adjoint state and each parameter's adjoint; ``"seminorm"`` leaves the
+        parameters' adjoints out (Kidger et al. 2021, "Hey, that's not an ODE", ICML), usually with
+        fewer steps; or a callable receiving torchdiffeq's tuple ``(t, y, adj_y, *adj_params)`` (the
+        tensors of a tuple state unpacked; ``t`` is 0, nde does not integrate ``dL/dt``).
+        ``func.callback_step_adjoint``, ``callback_accept_step_adjoint`` and
+        ``callback_reject_step_adjoint`` are called during the backward solve with that tuple.
     adjoint_params:
         The tensors to differentiate with respect to; default ``func.parameters()`` (``func`` must
         then be an ``nn.Module``). Parameters that ``func`` does not use get a zero gradient.
@@ -700,52 +702,201 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
         adjoint_atol = atol
     if adjoint_method is None:
         adjoint_method = method
-    elif adjoint_method != method and options is not None and adjoint_options is None:
+    if adjoint_method != method and options is not None and adjoint_options is None:
         raise ValueError(
             "adjoint_method differs from method, so adjoint_options cannot be inferred from options: pass adjoint_options too."
         )
-    P = _plan(func, y0, t, rtol, atol, method, options, event_fn)
+    if adjoint_options is None:
+        # as torchdiffeq: the backward pass takes the forward options, except the norm
+        adjoint_options = {} if options is None else {k: v for k, v in dict(options).items() if k != "norm"}
+    elif not isinstance(adjoint_options, dict):
+        raise TypeError(f"adjoint_options must be a dict; got {type(adjoint_options).__name__}.")
+    back = _backward_plan(adjoint_method, adjoint_options)
+    P = _plan(func, y0, t, rtol, atol, method, options, event_fn, back_cell=back.needs_cell)
     if P.kind == "scipy":
         raise ValueError("method='scipy_solver' is not differentiable and cannot be used with odeint_adjoint.")
     params = tuple(func.parameters()) if adjoint_params is None else tuple(adjoint_params)
     for p in params:
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"adjoint_params must hold tensors; got {type(p).__name__}.")
-    params = tuple(p for p in params if p.requires_grad)
-    adjoint = _make_adjoint(P, adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options, params)
+    used = tuple(p for p in params if p.requires_grad)
+    if len(used) != len(params) and callable(back.norm):
+        warnings.warn("Some adjoint_params do not require gradient: they are left out of the adjoint pass, and out of "
+                      "the tuple its adjoint_options['norm'] receives.", UserWarning, stacklevel=2)
+    back.finish(P, adjoint_rtol, adjoint_atol, used, func)
+    adjoint = _DropinBacksolve(back, solver=back.solver, norm="rms", params=used)
     out = _run(P, adjoint)
-    if params:
+    if used:
         # every parameter gets a gradient (zero when func does not use it), never None
-        zero = sum((p.reshape(-1)[:1] * 0).sum().to(P.y.dtype) for p in params)
+        zero = sum((p.reshape(-1)[:1] * 0).sum().to(P.y.dtype) for p in used)
         out = (out[0], out[1] + zero) if isinstance(out, tuple) else out + zero
     return _unflat_out(P, out)
 
 
-def _make_adjoint(P, rtol, atol, method, adjoint_options, params):
-    import nde
+# ---- the adjoint pass ------------------------------------------------------------------------
+class _Backward:
+    """How the adjoint pass of :func:`odeint_adjoint` steps: method, options, norm, callbacks.
 
-    cls = getattr(nde, "BacksolveAdjoint", None)
-    if cls is None:
-        raise RuntimeError("odeint_adjoint needs nde.BacksolveAdjoint, which this installation does not provide.")
-    aopts = {} if adjoint_options is None else dict(adjoint_options)
-    norm = aopts.pop("norm", None)
-    if norm is None:
-        norm = "rms"
-    if norm not in ("seminorm", "rms"):
-        raise ValueError(f"adjoint_options['norm'] must be 'seminorm' or 'rms'; got {norm!r}.")
+    The backward pass solves the augmented system ``z = [y, a, a_theta]`` from each output time to
+    the previous one, as torchdiffeq's: with an adaptive method its error is measured by
+    torchdiffeq's adjoint norms; with a fixed-step method it steps on the grid torchdiffeq builds for
+    that interval (``step_size`` from the interval's start, ``grid_constructor`` called on the
+    interval's two times, else the interval in one step).
+    """
+
+    def __init__(self, method, ours, solver_kw, norm):
+        self.method, self.kind, self.ours, self.solver_kw, self.norm = method, _METHODS[method][0], ours, solver_kw, norm
+        self.needs_cell = self.kind == "adaptive" or bool(ours.get("perturb", False))
+
+    def finish(self, P, rtol, atol, params, func):
+        self.P, self.params = P, params
+        self.rtol = _number(rtol, "adjoint_rtol") if not isinstance(rtol, (tuple, list)) else rtol
+        self.atol = _number(atol, "adjoint_atol") if not isinstance(atol, (tuple, list)) else atol
+        if not isinstance(self.rtol, float) or not isinstance(self.atol, float):
+            raise ValueError("adjoint_rtol and adjoint_atol must be numbers for odeint_adjoint.")
+        for name, v in (("adjoint_rtol", self.rtol), ("adjoint_atol", self.atol)):
+            if not (v >= 0 and math.isfinite(v)):
+                raise ValueError(f"{name} must be a finite nonnegative number; got {v}.")
+        self.solver = _build_solver(self.method, self.solver_kw, self.kind, rtol, atol, self.rtol, self.atol)
+        found = find_callbacks(func, "_adjoint")
+        supported = CALLBACKS if self.kind == "adaptive" else ("callback_step",)
+        unsupported = sorted(k + "_adjoint" for k in found if k not in supported)
+        if unsupported:
+            warnings.warn(f"adjoint_method={self.method!r} does not call the callbacks {unsupported} of func "
+                          f"(it supports {[k + '_adjoint' for k in supported]}).", UserWarning, stacklevel=3)
+        self.found = {k: v for k, v in found.items() if k in supported}
+
+    # the augmented state as torchdiffeq's adjoint shows it: (t, y, adj_y, *adj_params)
+    def _layout(self, problem):
+        from ._adjoint_common import collect_params, time_inputs
+
+        # (the parameters of the augmented state, in the order of the backward pass)
+        t_in = time_inputs(problem)
+        zp = [x for x in collect_params(problem, self.params) if all(x is not t for t in t_in)]
+        offs, o = {}, 0
+        for x in zp:
+            offs[id(x)] = (o, x.numel(), x.shape)
+            o += x.numel()
+        y0 = problem.y0
+        n = y0.numel()
+        blocks = [offs[id(x)] for x in self.params if id(x) in offs]
+        return n, tuple(y0.shape), [(a, k) for a, k, _ in offs.values()], blocks
+
+    def _tuple(self, n, shape, blocks, flat_state):
+        def split(z, split_state=False):
+            y, a = z[:n].reshape(shape), z[n:2 * n].reshape(shape)
+            ps = [z[2 * n + o:2 * n + o + k].reshape(sh) for o, k, sh in blocks]
+            zero = z.new_zeros(())
+            if split_state and flat_state is not None:
+                return (zero,) + flat_state.unflatten(y) + flat_state.unflatten(a) + tuple(ps)
+            return (zero, y, a) + tuple(ps)
+
+        return split
+
+    def _error_norm(self, n, shape, segments, blocks):
+        """The error norm of the backward solve on the flat augmented state."""
+        P = self.P
+        flat, state_norm = P.flat, P.options.get("norm")
+        if callable(self.norm):
+            split = self._tuple(n, shape, blocks, flat)
+            user = self.norm
+            return lambda x: torch.as_tensor(user(split(x, split_state=True)))
+        semi = self.norm == "seminorm"
+        if state_norm is not None:
+            sn = state_norm if flat is None else _mixed_norm(flat, state_norm)
+
+            def norm(x):
+                vals = [sn(x[:n].reshape(shape) if flat is None else x[:n]),
+                        sn(x[n:2 * n].reshape(shape) if flat is None else x[n:2 * n])]
+                if not semi:
+                    vals += [x[2 * n + o:2 * n + o + k].pow(2).mean().sqrt() for o, k in segments]
+                return torch.stack([torch.as_tensor(v, dtype=x.dtype) for v in vals]).max()
+
+            return norm
+        # torchdiffeq's default: the largest RMS of the blocks (the tensors of y and of adj_y, and
+        # each parameter's adjoint unless a seminorm), in one reduction
+        sizes = list(flat.sizes) * 2 if flat is not None else [n, n]
+        if not semi:
+            sizes += [k for _, k in segments]
+        sizes = [k for k in sizes if k > 0]
+        total = sum(sizes)
+        ids = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+        counts = torch.tensor(sizes, dtype=torch.float64)
+        cache = {}
+
+        def norm(x):
+            key = (x.dtype, x.device)
+            c = cache.get(key)
+            if c is None:
+                c = cache[key] = (ids.to(x.device), counts.to(device=x.device, dtype=x.dtype))
+            sq = x[:total].square()
+            sums = torch.zeros(len(sizes), dtype=x.dtype, device=x.device).index_add_(0, c[0], sq)
+            return (sums / c[1]).max().sqrt()
+
+        return norm
+
+    def controller(self, problem):
+        """The backward pass's controller and first step size (None: nde's choice)."""
+        P, ours = self.P, self.ours
+        if P.cell is not None:
+            P.cell.on = False
+        n, shape, segments, blocks = self._layout(problem)
+        to_user = -P.sign  # the backward solve runs forwards in -T, T the forward's internal time
+        cb = None
+        if self.found:
+            split = self._tuple(n, shape, blocks, None)
+            tdtype = torch.float64 if self.kind == "adaptive" else P.t.dtype
+            f = self.found
+            cb = Callbacks(f.get("callback_step"), f.get("callback_accept_step"), f.get("callback_reject_step"),
+                           wrap=split, tdtype=tdtype)
+        if self.kind == "adaptive":
+            hooks = dict(cell=P.cell, to_user=to_user, callbacks=cb, max_num_steps=ours.get("max_num_steps"))
+            # step_t/jump_t in the time of the backward solve (the forward's internal time)
+            step_t, jump_t = _times(ours.get("step_t")), _times(ours.get("jump_t"))
+            kw = _pid_kwargs(ours, self.atol, self._error_norm(n, shape, segments, blocks),
+                             None if step_t is None else step_t * P.sign, None if jump_t is None else jump_t * P.sign)
+            return DropinPID(self.rtol, hooks=hooks, **kw), ours.get("first_step")
+        perturb = bool(ours.get("perturb", False))
+        step, gc = ours.get("step_size"), ours.get("grid_constructor")
+
+        def make(t0, t1):
+            if step is not None:
+                return _step_grid(t0, t1, step, P.t.dtype)
+            if gc is not None:
+                tt = torch.tensor([to_user * t0, to_user * t1], dtype=P.t.dtype, device=P.t.device)
+                return [to_user * x for x in _constructed_grid(gc, P.user_func, P.y0_user, tt)]
+            return [t0, t1]
+
+        c = IntervalGrid(make, cell=P.cell if perturb else None, perturb=perturb, to_user=to_user, callbacks=cb)
+        return c, None
+
+
+def _backward_plan(method, adjoint_options):
     method = _check_method(method)
     if _METHODS[method][0] == "scipy":
         raise ValueError("adjoint_method='scipy_solver' is not differentiable; pick an nde method such as 'dopri5'.")
-    if aopts:
-        ours, solver_kw = _split_options(method, aopts)
-    else:
-        ours, solver_kw = {}, {}
-    solver = _make_solver(method, solver_kw)
-    rt = _tol(rtol, "adjoint_rtol", P.flat, P.y)
-    at = _tol(atol, "adjoint_atol", P.flat, P.y)
-    if not isinstance(rt, float) or not isinstance(at, float):
-        raise ValueError("adjoint_rtol and adjoint_atol must be numbers for odeint_adjoint.")
-    return cls(rtol=rt, atol=at, solver=solver, norm=norm, params=params)
+    aopts = dict(adjoint_options)
+    norm = aopts.pop("norm", None)
+    if norm == "rms":
+        norm = None  # the default
+    if not (norm is None or norm == "seminorm" or callable(norm)):
+        raise ValueError(
+            "adjoint_options['norm'] must be 'seminorm', or a callable norm(tensor_tuple) -> scalar receiving "
+            f"(t, y, adj_y, *adj_params) as torchdiffeq's; got {norm!r}."
+        )
+    ours, solver_kw = _split_options(method, aopts, name="adjoint_options")
+    return _Backward(method, ours, solver_kw, norm)
+
+
+class _DropinBacksolve(BacksolveAdjoint):
+    """:class:`~nde.BacksolveAdjoint` stepping its backward pass as torchdiffeq's adjoint does."""
+
+    def __init__(self, back, **kw):
+        super().__init__(**kw)
+        self._back = back
+
+    def backward_controller(self, problem, n_head, solver=None):
+        return self._back.controller(problem)
 
 
 def odeint_event(func, y0, t0, *, event_fn, reverse_time=False, odeint_interface=odeint, **kwargs):
