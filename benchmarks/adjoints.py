@@ -11,8 +11,11 @@ Three tables:
    (state 16, width 64, t1 = 5, Dopri5, rtol = atol = 1e-6): backward NFE, and forward+backward wall
    time against torchdiffeq's ``odeint_adjoint(..., adjoint_options=dict(norm="seminorm"))``.
 3. ReversibleAdjoint against CheckpointAdjoint (default checkpoints) at 1000 fixed steps.
+4. Reversible solvers on dissipative dynamics, f = net(y) - lam y on [0, 10] in float64: error of the
+   forward solution, relative error of the reconstructed y0, and gradient error against DirectAdjoint on
+   the same discrete solve.
 
-Run: python benchmarks/adjoints.py [--repeats N] [--quick]
+Run: python benchmarks/adjoints.py [--repeats N] [--sections 1,2,3,4]
 """
 
 import argparse
@@ -26,7 +29,7 @@ import torch
 from torch import nn
 
 import nde
-from nde.solvers import RK4, Dopri5, Reversible, ReversibleHeun, Tsit5
+from nde.solvers import RK4, AsynchronousLeapfrog, Dopri5, Reversible, ReversibleHeun, Tsit5
 
 
 def mlp(dim, width, seed=0):
@@ -173,19 +176,65 @@ def table3(rows):
     print(f"ReversibleAdjoint (Reversible(RK4)) / CheckpointAdjoint (RK4): {rev2 / rows['CheckpointAdjoint (RK4)'][1]:.2f}")
 
 
+def table4():
+    import warnings
+
+    print("\n4. f = net(y) - lam y on [0, 10], float64: reversible solvers on dissipative dynamics")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    y0 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    cases = {
+        "Reversible(Tsit5()), rtol 1e-6": (lambda: Reversible(Tsit5()), dict(controller=nde.PIDController(rtol=1e-6, atol=1e-8))),
+        "Reversible(RK4()), dt 0.05": (lambda: Reversible(RK4()), dict(dt0=0.05)),
+        "ReversibleHeun(), dt 0.05": (ReversibleHeun, dict(dt0=0.05)),
+        "AsynchronousLeapfrog(), dt 0.05": (AsynchronousLeapfrog, dict(dt0=0.05)),
+    }
+    print(f"{'lam':>4s} {'solver':34s} {'steps':>6s} {'fwd error':>10s} {'recon rel':>10s} {'grad rel err':>12s}  backward")
+    for lam in (1.0, 2.0, 5.0):
+        def f(t, y):
+            return net(y) - lam * y
+
+        exact = nde.solve(f, Tsit5(), 0.0, 10.0, y0.detach(), controller=nde.PIDController(rtol=1e-12, atol=1e-14)).ys[-1]
+        for name, (make, kw) in cases.items():
+            grads = []
+            for adj in (nde.DirectAdjoint(), nde.ReversibleAdjoint()):
+                sol = nde.solve(f, make(), 0.0, 10.0, y0, adjoint=adj, **kw)
+                ys = sol.ys.detach()
+                with warnings.catch_warnings(record=True) as w:
+                    warnings.simplefilter("always")
+                    try:
+                        g = torch.autograd.grad((sol.ys**2).sum(), [y0, *net.parameters()])
+                        grads.append(torch.cat([x.flatten() for x in g]))
+                        what = "warned" if w else "ok"
+                    except RuntimeError:
+                        what = "raised"
+            st = adj.backward_stats
+            gerr = float((grads[1] - grads[0]).abs().max() / grads[0].abs().max()) if len(grads) == 2 else float("nan")
+            fwd = float((ys[-1] - exact).abs().max())
+            print(f"{lam:4.0f} {name:34s} {st['num_steps']:6d} {fwd:10.1e} {st['reconstruction_rel_error']:10.1e} "
+                  f"{gerr:12.1e}  {what}")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sections", default="1,2,3,4", help="comma-separated subset of 1,2,3,4 (3 needs 1)")
     parser.add_argument("--memory-child")
     a = parser.parse_args()
     if a.memory_child:
         memory_child(a.memory_child)
         return
     torch.set_num_threads(1)
+    sections = {int(x) for x in a.sections.split(",")}
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, best of {a.repeats}")
-    rows = table1(a.repeats)
-    table2(a.repeats)
-    table3(rows)
+    if 1 in sections:
+        rows = table1(a.repeats)
+        if 3 in sections:
+            table3(rows)
+    if 2 in sections:
+        table2(a.repeats)
+    if 4 in sections:
+        table4()
 
 
 if __name__ == "__main__":

@@ -336,8 +336,26 @@ class _IndependentRunner:
         for i in range(n - 1, -1, -1):
             y, st = self.reverse(i, y, st)
             a_y, a_st = self.vjp(i, y, st, a_y, a_st, ctf, grads)
+        from ._reversible_adjoint import check_reconstruction
+
         yf0 = self.p.y0.detach().reshape((self.B,) + self.ev)
-        self.adj.backward_stats = {"num_steps": n, "reconstruction_error": float((y - yf0).abs().max()) if n else 0.0}
+        err = rel = 0.0
+        worst = None
+        if n and self.B:
+            e = (y - yf0).abs().reshape(self.B, -1).amax(1)
+            scale = yf0.abs().reshape(self.B, -1).amax(1)
+            scale = torch.where(scale > 0, scale, self.rec.y.abs().reshape(self.B, -1).amax(1))
+            r = torch.where(e == 0, torch.zeros_like(e), e / scale)
+            r = torch.where(torch.isnan(r), torch.full_like(r, math.inf), r)
+            worst = int(r.argmax())
+            err, rel = float(e.max()), float(r[worst])
+        self.adj.backward_stats = {"num_steps": self.cnt.reshape(self.bshape), "reconstruction_error": err,
+                                   "reconstruction_rel_error": rel}
+        if worst is not None:
+            idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), self.bshape)) if self.bshape else None
+            t0 = float(self._times()[0][worst]) * self.p.sign
+            check_reconstruction(self.adj, self.p.solver, int(self.cnt[worst]), err, rel, t0, yf0.dtype,
+                                 sample=idx[0] if idx is not None and len(idx) == 1 else idx)
         return a_y, a_st
 
 
