@@ -92,6 +92,7 @@ class _IndependentRunner:
         self.B = math.prod(self.bshape)
         self.ev = tuple(p.y0.shape[nb:])
         self.pad = (1,) * len(self.ev)
+        self.nfe = 0  # vector-field evaluations (of the lockstep batch) since the last reset
 
     def tb(self, x):
         return x.reshape((x.shape[0],) + self.pad)
@@ -105,7 +106,8 @@ class _IndependentRunner:
     def init_state(self, yf):
         p = self.p
         t0, t1 = self._times()
-        st, _ = p.solver.init(p.terms, self.tb(t0), self.tb(t1), yf, p.args)
+        st, k = p.solver.init(p.terms, self.tb(t0), self.tb(t1), yf, p.args)
+        self.nfe += k
         return st
 
     def forward(self):
@@ -173,6 +175,7 @@ class _IndependentRunner:
         t, tn = self.T[:, i], self.T[:, i + 1]
         real = i < self.cnt
         y1, _, info, st1, n = p.solver.step(p.terms, self.tb(t), self.tb(tn), y, p.args, st)
+        self.nfe += n
         outs = []
         for has, j, theta in slots:
             vals, _ = p.solver.dense_eval(p.terms, p.args, self.tb(t), self.tb(tn), info, self.tb(theta).to(y.dtype))
@@ -192,7 +195,8 @@ class _IndependentRunner:
         t, tn = self.T[:, i], self.T[:, i + 1]
         real = i < self.cnt
         with torch.no_grad():
-            y0, st0, _ = p.solver.reverse_step(p.terms, self.tb(t), self.tb(tn), y, p.args, st)
+            y0, st0, k = p.solver.reverse_step(p.terms, self.tb(t), self.tb(tn), y, p.args, st)
+            self.nfe += k
             return torch.where(self.tb(real), y0, y), _where_state(real, st0, st, self.tb)
 
     def vjp(self, i, y, st, a_y, a_st, ctf, grads):
@@ -245,6 +249,7 @@ class _IndependentRunner:
         if self.at_t1 is not None:
             a_y = a_y + ctf[self.at_t1]
         n = self.T.shape[1] - 1
+        self.nfe = 0
         if self.kind == "checkpoint":
             a_y, a_st = self._backward_checkpoint(n, yf0, a_y, ctf, grads)
         elif self.kind == "reversible":
@@ -252,6 +257,7 @@ class _IndependentRunner:
         else:
             raise AssertionError(self.kind)
         a_y = self.vjp_init(yf0, a_y, a_st, grads)
+        self.adj.backward_stats["nfe"] = self.nfe
         a_y = self._add_start(a_y, ctf)
         g0, g1 = self._time_grads(yf0, a_y, ctf)
         out = [a_y.reshape(p.y0.shape)]
@@ -301,32 +307,13 @@ class _IndependentRunner:
         return x.reshape(self.B, -1).sum(1).reshape(t.shape).to(t.dtype)
 
     def _backward_checkpoint(self, n, yf0, a_y, ctf, grads):
-        from ._checkpoint import binomial_split, default_checkpoints
+        from ._checkpoint import default_checkpoints, reverse_with_checkpoints
 
         slots = self.adj.checkpoints if self.adj.checkpoints is not None else default_checkpoints(n)
-        st0 = self.init_state(yf0)
-        stack = [(0, yf0, st0)]
-        a_st = None
-        end = n
-        while end > 0:
-            i0, y, st = stack[-1]
-            if end - i0 == 1:
-                a_y, a_st = self.vjp(i0, y, st, a_y, a_st, ctf, grads)
-                end = i0
-                if i0 > 0:
-                    stack.pop()
-                continue
-            free = slots - len(stack)
-            if free <= 0:
-                for i in range(i0, end - 1):
-                    y, st = self.advance(i, y, st)
-                a_y, a_st = self.vjp(end - 1, y, st, a_y, a_st, ctf, grads)
-                end -= 1
-                continue
-            m = i0 + binomial_split(end - i0, free)
-            for i in range(i0, m):
-                y, st = self.advance(i, y, st)
-            stack.append((m, y, st))
+        a_y, a_st, sched = reverse_with_checkpoints(
+            n, slots, (yf0, self.init_state(yf0)), lambda i, s: self.advance(i, *s),
+            lambda i, s, a: self.vjp(i, *s, *a, ctf, grads), (a_y, None))
+        self.adj.backward_stats = dict(num_steps=self.cnt.reshape(self.bshape), lockstep_steps=n, **sched)
         return a_y, a_st
 
     def _backward_reversible(self, n, a_y, ctf, grads):
@@ -349,7 +336,7 @@ class _IndependentRunner:
             r = torch.where(torch.isnan(r), torch.full_like(r, math.inf), r)
             worst = int(r.argmax())
             err, rel = float(e.max()), float(r[worst])
-        self.adj.backward_stats = {"num_steps": self.cnt.reshape(self.bshape), "reconstruction_error": err,
+        self.adj.backward_stats = {"num_steps": self.cnt.reshape(self.bshape), "lockstep_steps": n, "reconstruction_error": err,
                                    "reconstruction_rel_error": rel}
         if worst is not None:
             idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), self.bshape)) if self.bshape else None

@@ -154,33 +154,38 @@ def test_closure_parameters_found_and_errors():
                   adjoint=nde.CheckpointAdjoint())
 
 
-def test_binomial_schedule_recomputation_bound():
-    from nde._checkpoint import binomial_split, default_checkpoints
+@pytest.mark.parametrize("mode", ["joint", "independent"])
+def test_binomial_schedule_recomputation_bound(mode):
+    import math
 
-    # every step advanced at most r times with C(c + r, c) >= n: count advances of the schedule
-    for n, c in ((100, 4), (1000, 12), (57, 2)):
-        advances = 0
-        stack, end = [0], n
-        while end > 0:
-            i0 = stack[-1]
-            if end - i0 == 1:
-                end = i0
-                if i0 > 0:
-                    stack.pop()
-                continue
-            free = c - len(stack)
-            if free <= 0:
-                advances += end - 1 - i0
-                end -= 1
-                continue
-            m = i0 + binomial_split(end - i0, free)
-            advances += m - i0
-            stack.append(m)
+    from nde._checkpoint import default_checkpoints
+
+    # count the vector-field evaluations of the real backward pass: every step is re-taken at most r
+    # times with C(c - 1 + r, r) >= n (the initial state holds one of the c checkpoints)
+    w = torch.randn(2, 2, dtype=torch.float64)
+    y0 = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    count = [0]
+
+    def f(t, y):
+        count[0] += 1
+        return torch.tanh(y @ w)
+
+    for n, c in ((100, 4), (1000, 12), (57, 2), (200, None)):
+        adj = nde.CheckpointAdjoint(checkpoints=c)
+        sol = nde.solve(f, RK4(), 0.0, 1.0, y0, dt0=1.0 / n, adjoint=adj, batch_mode=mode)
+        count[0] = 0
+        sol.ys.sum().backward()
+        st = adj.backward_stats
+        c = c or default_checkpoints(n)
         r = 1
-        import math
         while math.comb(c - 1 + r, r) < n:
             r += 1
-        assert advances <= r * n
+        # RK4: 4 evaluations a step, re-taken once without a graph per recomputation, once for its VJP
+        assert count[0] == st["nfe"] == 4 * (st["recomputed_steps"] + n), (count[0], st)
+        assert st["recomputed_steps"] <= r * n, (n, c, r, st)
+        assert st["checkpoints"] == c and st["max_checkpoints"] <= c
+        if n > c:
+            assert st["recomputed_steps"] >= n - 1  # with fewer checkpoints than steps, states are rebuilt
     assert default_checkpoints(1000) == 45
 
 
