@@ -58,7 +58,13 @@ class BacksolveAdjoint(AbstractAdjoint):
     Notes
     -----
     The gradient is that of the exact solution map, computed to the backward tolerance; it agrees with
-    :class:`~nde.DirectAdjoint`'s to about the tolerances used. ODE terms, CDEs whose control is
+    :class:`~nde.DirectAdjoint`'s to about the tolerances used. With respect to ``t0`` and ``t1`` it is
+    the flow's derivative, ``<dL/dy(t1), f(t1, y(t1))>`` and ``-<a(t0), f(t0, y0)>``, like every adjoint's.
+    After a fixed-step forward solve the backward solve takes the forward's step size, unless ``rtol``
+    or ``atol`` is given and the backward ``solver`` has an error estimate: then it adapts to them (as
+    torchdiffeq's adjoint does with an adaptive ``adjoint_method``). In ``batch_mode="independent"`` every sample's augmented system runs on its own
+    ``[t0, t1]`` and stops at its own save times (one solve in a normalised time ``s`` in ``[0, 1]`` carries
+    the batch, with its step size shared); the parameter adjoint is summed over the samples. ODE terms, CDEs whose control is
     differentiable, and Stratonovich SDEs ``MultiTerm(ODETerm(f), ControlTerm(g, brownian))`` solved by
     ``Heun``, ``Midpoint``, ``EulerHeun`` or ``ReversibleHeun`` (joint batch mode) are supported. For an SDE
     the adjoint SDE ``da = -a df/dy dt - a d(g o dW)/dy`` is solved backwards on the forward solve's
@@ -100,10 +106,20 @@ class BacksolveAdjoint(AbstractAdjoint):
         runner = _BacksolveRunner(self, problem, params, t_in, sde)
         return run_with_function(runner, problem, function_inputs(t_in, params))
 
-    def backward_controller(self, problem, n_head, solver=None):
+    def backward_controller(self, problem, n_head, solver=None, longest=None):
+        """The controller of the backward solve and, for fixed steps, its step size.
+
+        ``longest`` (the longest interval of a sample) is given when the backward solve runs in a
+        normalised time ``s`` in ``[0, 1]`` (independent mode): step bounds are converted to it and the
+        forward's ``step_ts``/``jump_ts``, which have no meaning there, are dropped.
+        """
         c = problem.controller
         if isinstance(c, ConstantStepSize):
-            return ConstantStepSize(), abs(problem.dt0)
+            fixed = getattr(solver, "error_order", None) is None
+            if fixed or (self.rtol is None and self.atol is None):
+                return ConstantStepSize(), abs(problem.dt0) if not isinstance(problem.dt0, torch.Tensor) else None
+            c = PIDController(rtol=self.rtol if self.rtol is not None else 1e-3,
+                              atol=self.atol if self.atol is not None else 1e-6)
         c = copy.copy(c)
         if not isinstance(c, PIDController):
             return c, None
@@ -113,6 +129,11 @@ class BacksolveAdjoint(AbstractAdjoint):
             c.atol = self.atol
         if isinstance(c.atol, torch.Tensor):
             c.atol = float(c.atol.max())
+        if longest is not None:
+            longest = max(longest, 1e-300)
+            c.step_ts, c.jump_ts = [], []
+            c.dtmin = None if c.dtmin is None else c.dtmin / longest
+            c.dtmax = None if c.dtmax is None else c.dtmax / longest
         # implicit solvers iterate their stages to a tolerance measured in the whole state: leaving the
         # parameter channels out of the error control leaves them unconverged, so they keep the RMS norm
         semi = self.norm == "seminorm" and not getattr(solver, "implicit", False)
@@ -131,8 +152,13 @@ def _transformed(z):
         return False
 
 
-def augmented_field(terms, params, args, shape, n):
-    """``(t, z) -> dz/dt`` of the augmented state ``z = [y, a, a_theta]`` (flat)."""
+def augmented_field(terms, params, args, shape, n, rescale=None):
+    """``(t, z) -> dz/dt`` of the augmented state ``z = [y, a, a_theta]`` (flat).
+
+    With ``rescale = (t_end, w)`` (per-sample tensors broadcastable against ``y``), the argument is a
+    normalised time ``s`` and each sample runs on its own interval: ``t = t_end + s w`` and
+    ``dz/ds = w dz/dt``; the parameter channel sums every sample's ``w a^T df/dtheta``.
+    """
 
     def f(t, z):
         if _transformed(z):
@@ -144,6 +170,10 @@ def augmented_field(terms, params, args, shape, n):
         diff = torch.is_grad_enabled() and z.requires_grad
         y = z[:n].reshape(shape)
         a = z[n:2 * n].reshape(shape)
+        if rescale is not None:
+            t_end, w = rescale
+            t = t_end + t * w
+            a = a * w
         with torch.enable_grad():
             y_ = y if diff else y.detach().requires_grad_(True)
             fy = terms.ode(t, y_, args)
@@ -153,12 +183,23 @@ def augmented_field(terms, params, args, shape, n):
                 gr = [None] * (1 + len(params))
         if not diff:
             fy = fy.detach()
+        if rescale is not None:
+            fy = fy * w
         parts = [fy.reshape(-1), (gr[0] if gr[0] is not None else torch.zeros_like(y)).reshape(-1)]
         for prm, g in zip(params, gr[1:]):
             parts.append(torch.zeros(prm.numel(), dtype=z.dtype, device=z.device) if g is None else g.reshape(-1).to(z.dtype))
         return torch.cat(parts)
 
     return f
+
+
+def split_params(a_th, params):
+    """The flat parameter channel ``a_th`` cut into one gradient per parameter."""
+    grads, off = [], 0
+    for prm in params:
+        grads.append(a_th[off:off + prm.numel()].reshape(prm.shape).to(prm.dtype))
+        off += prm.numel()
+    return grads
 
 
 _STRATONOVICH_SOLVERS = ("Heun", "Midpoint", "EulerHeun")
@@ -289,9 +330,6 @@ class _BacksolveRunner:
                 for k in ks:
                     a = a + ct[k]
         self.adj.backward_stats = {"nfe": nfe, "num_steps": steps}
-        grads, off = [], 0
-        for prm in self.params:
-            grads.append(a_th[off:off + prm.numel()].reshape(prm.shape).to(prm.dtype))
-            off += prm.numel()
-        g0, g1 = time_grads(p, self.t_in, y0, rec.y if rec.y is not None else y0, a, ct, at_start, at_t1)
+        grads = split_params(a_th, self.params)
+        g0, g1 = time_grads(p, self.t_in, y0, rec.y if rec.y is not None else y0, a, ct, at_t1)
         return assemble_grads(self.t_in, self.params, a, g0, g1, grads)

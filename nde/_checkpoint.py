@@ -170,5 +170,5 @@ class _CheckpointRunner:
             a_y = a_y + ct[k]
         self.adj.backward_stats = dict(nfe=stepper.nfe, num_steps=n, **sched)
         y_final = rec.y if rec.y is not None else y0
-        g0, g1 = time_grads(p, self.t_in, y0, y_final, a_y, ct, at_start, at_t1)
+        g0, g1 = time_grads(p, self.t_in, y0, y_final, a_y, ct, at_t1)
         return assemble_grads(self.t_in, self.params, a_y, g0, g1, grads)

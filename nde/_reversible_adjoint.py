@@ -203,7 +203,7 @@ class _ReversibleRunner:
         self.adj.backward_stats = {"nfe": nfe, "num_steps": n, "reconstruction_error": err,
                                    "reconstruction_rel_error": rel}
         check_reconstruction(self.adj, p.solver, n, err, rel, p.sign * t_bad, y0.dtype)
-        g0, g1 = time_grads(p, self.t_in, y0, rec.y if rec.y is not None else y0, a_y, ct, at_start, at_t1)
+        g0, g1 = time_grads(p, self.t_in, y0, rec.y if rec.y is not None else y0, a_y, ct, at_t1)
         return assemble_grads(self.t_in, self.params, a_y, g0, g1, grads)
 
 

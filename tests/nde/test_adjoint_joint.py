@@ -238,3 +238,67 @@ def test_augmented_field_is_right_under_torch_func():
     J, fz = _newton.jacobian(lambda x: f(t, x), z, "full")
     torch.testing.assert_close(fz, f(t, z), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(J, torch.autograd.functional.jacobian(lambda x: f(t, x), z), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["joint", "independent"])
+def test_time_gradient_with_an_output_saved_at_t0(mode):
+    # y(ts) at a fixed ts = t0 depends on t0 (dy/dt0 = -f there); only SaveAt(t0=True) is y0 whatever t0 is.
+    # Before: Checkpoint, Backsolve and Reversible treated it as y0 (-11.80 instead of -16.11).
+    from nde.solvers import Reversible
+
+    net = _net()
+    y0 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    ctrl = nde.PIDController(rtol=1e-10, atol=1e-12)
+
+    def f(t, y):
+        return net(y) * (1 + 0.1 * t)
+
+    def loss(t0, adj=None, solver=None, saveat=None):
+        sol = nde.solve(f, solver or Tsit5(), t0, 1.0, y0, saveat=saveat, adjoint=adj or nde.DirectAdjoint(),
+                        batch_mode=mode, controller=ctrl)
+        return (sol.ys**2).sum()
+
+    for saveat in (nde.SaveAt(ts=[0.1, 0.5, 1.0]), nde.SaveAt(t0=True, ts=[0.1, 0.5], t1=True)):
+        res = []
+        for adj, solver in ((nde.DirectAdjoint(), None), (nde.CheckpointAdjoint(), None), (nde.BacksolveAdjoint(), None),
+                            (nde.ReversibleAdjoint(), Reversible(Tsit5()))):
+            t0 = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+            res.append(float(torch.autograd.grad(loss(t0, adj, solver, saveat), t0)[0]))
+        with torch.no_grad():  # one-sided: t0 - eps keeps ts inside [t0, t1]
+            fd = (loss(0.1, saveat=saveat) - loss(0.1 - 1e-6, saveat=saveat)) / 1e-6
+        for r in res:
+            assert abs(r - float(fd)) < 1e-4 * abs(float(fd)), (res, float(fd))
+
+
+def test_backsolve_options_for_odes():
+    net = _net()
+    y0 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    tight = dict(controller=nde.PIDController(rtol=1e-11, atol=1e-13))
+    ref, _ = _grads(nde.DirectAdjoint(), Tsit5(), net, y0, nde.SaveAt(t1=True), **tight)
+    errs, nfes = {}, {}
+    for name, adj in (("forward tolerances", nde.BacksolveAdjoint()),
+                      ("loose", nde.BacksolveAdjoint(rtol=1e-4, atol=1e-6)),
+                      ("heun", nde.BacksolveAdjoint(solver=Heun(), rtol=1e-6, atol=1e-8))):
+        got, _ = _grads(adj, Tsit5(), net, y0, nde.SaveAt(t1=True), **tight)
+        errs[name], nfes[name] = _rel(got, ref), adj.backward_stats["nfe"]
+    assert errs["forward tolerances"] < 1e-9
+    assert 1e-9 < errs["loose"] < 1e-3 and nfes["loose"] < nfes["forward tolerances"] / 2, (errs, nfes)
+    assert errs["heun"] < 1e-5 and nfes["heun"] > nfes["loose"], (errs, nfes)  # a second-order backward solve
+    # after fixed steps: without tolerances the backward solve takes the forward's steps; with them and an
+    # adaptive backward solver it adapts
+    fixed = dict(dt0=0.05)
+    ref, _ = _grads(nde.DirectAdjoint(), RK4(), net, y0, nde.SaveAt(t1=True), **fixed)
+    adj = nde.BacksolveAdjoint()
+    got, _ = _grads(adj, RK4(), net, y0, nde.SaveAt(t1=True), **fixed)
+    assert _rel(got, ref) < 1e-5 and adj.backward_stats["num_steps"] == 26
+    adj = nde.BacksolveAdjoint(solver=Tsit5(), rtol=1e-10, atol=1e-12)
+    got, _ = _grads(adj, RK4(), net, y0, nde.SaveAt(t1=True), **fixed)
+    exact, _ = _grads(nde.DirectAdjoint(), Tsit5(), net, y0, nde.SaveAt(t1=True), **tight)
+    assert _rel(got, exact) < 1e-8 and adj.backward_stats["num_steps"] != 26
+    adj = nde.BacksolveAdjoint(rtol=1e-6)  # RK4 has no error estimate: its backward solve keeps fixed steps
+    _grads(adj, RK4(), net, y0, nde.SaveAt(t1=True), **fixed)
+    assert adj.backward_stats["num_steps"] == 26
+    with pytest.raises(ValueError, match="rtol"):
+        nde.BacksolveAdjoint(rtol=-1.0)
+    with pytest.raises(TypeError, match="solver"):
+        nde.BacksolveAdjoint(solver=Tsit5)
