@@ -3,8 +3,9 @@
 Three tables:
 
 1. The same neural ODE (batch 64, state 32, 2-hidden-layer tanh MLP of width 64, fixed steps on
-   [0, 1]) at 100 and 1000 steps: forward+backward wall time and peak memory (growth of the resident-set
-   high-water mark over a warm process, each measured in a fresh subprocess) of every adjoint.
+   [0, 1]) at 100 and 1000 steps: forward+backward wall time and peak memory of every adjoint, as the
+   peak of the tensor storage the solve and its backward pass hold at once (exact, LiveTensorBytes), and
+   as the growth of the resident-set high-water mark over a warm process (each in a fresh subprocess).
    Times are CPU seconds of the single-threaded process (best of N): the wall time on an idle
    machine, and not inflated by other processes on a shared one.
 2. BacksolveAdjoint with the seminorm against the RMS norm on the foundation's batch-256 problem
@@ -19,14 +20,17 @@ Run: python benchmarks/adjoints.py [--repeats N] [--sections 1,2,3,4]
 """
 
 import argparse
+import gc
 import json
 import os
 import subprocess
 import sys
 import time
+import weakref
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import nde
 from nde.solvers import RK4, AsynchronousLeapfrog, Dopri5, Reversible, ReversibleHeun, Tsit5
@@ -75,6 +79,65 @@ def fixed_step_case(name, n):
     return go
 
 
+class LiveTensorBytes(TorchDispatchMode):
+    """Bytes of tensor storage created while the mode is active and still alive, and their peak.
+
+    Every operation's outputs are intercepted; a storage is counted once, when it is first seen, and
+    uncounted when it is freed (a finalizer on its Python object, which PyTorch keeps alive exactly as
+    long as the storage itself, so tensors saved for backward stay counted). Tensors that existed before
+    (parameters, ``y0``) and views of them are not counted: ``peak`` is the solve's own peak memory in
+    tensors, exact and independent of the allocator.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._seen = set()
+
+    def _free(self, key, n):
+        self.live -= n
+        self._seen.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        ins = None
+        for t in _tensors(out):
+            st = t.untyped_storage()
+            key = id(st)
+            if key in self._seen:
+                continue
+            if ins is None:  # a view or in-place result of a tensor from before is not new memory
+                ins = {id(x.untyped_storage()) for x in _tensors(args)}
+                if kwargs:
+                    ins.update(id(x.untyped_storage()) for x in _tensors(tuple(kwargs.values())))
+            if key in ins:
+                continue
+            self._seen.add(key)
+            n = st.nbytes()
+            self.live += n
+            weakref.finalize(st, self._free, key, n)
+        if self.live > self.peak:
+            self.peak = self.live
+        return out
+
+
+def _tensors(x):
+    """The tensors of an operation's arguments or outputs (a tensor, or lists/tuples of them)."""
+    if isinstance(x, torch.Tensor):
+        return (x,)
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in _tensors(v)]
+    return ()
+
+
+def tensor_peak_mb(go):
+    """Peak of live tensor memory (MB) created by ``go()`` (see :class:`LiveTensorBytes`)."""
+    gc.collect()
+    with LiveTensorBytes() as m:
+        go()
+    return m.peak / 2**20
+
+
 def peak_mb():
     """High-water mark of this process's resident set (VmHWM; unlike ru_maxrss, not inherited at fork)."""
     with open("/proc/self/status") as fh:
@@ -102,15 +165,19 @@ def memory(name):
 
 
 def table1(repeats):
-    print("\n1. Same neural ODE, fixed steps: forward+backward time and peak memory growth (MB)")
-    print(f"{'adjoint (solver)':38s} {'ms @100':>9s} {'ms @1000':>9s} {'MB @100':>8s} {'MB @1000':>9s}")
+    print("\n1. Same neural ODE, fixed steps: forward+backward time, peak tensor memory of the solve (MB)")
+    print("   and peak resident-set growth over a warm process (MB)")
+    print(f"{'adjoint (solver)':38s} {'ms @100':>9s} {'ms @1000':>9s} {'MB @100':>8s} {'MB @1000':>9s} "
+          f"{'RSS @100':>9s} {'RSS @1000':>10s}")
     rows = {}
     for name in ADJOINTS:
         t100 = best_time(fixed_step_case(name, 100), repeats)
         t1000 = best_time(fixed_step_case(name, 1000), max(1, repeats // 2))
+        k100, k1000 = tensor_peak_mb(fixed_step_case(name, 100)), tensor_peak_mb(fixed_step_case(name, 1000))
         m = memory(name)
-        rows[name] = (t100, t1000, m["p100"], m["p1000"])
-        print(f"{name:38s} {t100 * 1e3:9.1f} {t1000 * 1e3:9.1f} {m['p100']:8.1f} {m['p1000']:9.1f}")
+        rows[name] = (t100, t1000, k100, k1000, m["p100"], m["p1000"])
+        print(f"{name:38s} {t100 * 1e3:9.1f} {t1000 * 1e3:9.1f} {k100:8.2f} {k1000:9.2f} {m['p100']:9.1f} "
+              f"{m['p1000']:10.1f}")
     return rows
 
 
