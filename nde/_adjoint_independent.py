@@ -407,13 +407,13 @@ class _BacksolveIndependent(_IndependentRunner):
             from nde.solvers.rk import Tsit5
 
             solver = Tsit5()
-        controller, dt0 = adj.backward_controller(p, 2 * n, solver, longest=float(length.max()) if B else 1.0)
+        controller, dt0 = adj.backward_controller(p, 2 * n, solver, longest=float(length.max()) if B else 1.0,
+                                                  param_sizes=[x.numel() for x in params])
         if isinstance(controller, ConstantStepSize):
             # the forward's step in every sample's own time: the smallest fraction of an interval
             d = torch.as_tensor(p.dt0, dtype=torch.float64).abs().expand(t0.shape)
             frac = torch.where(length > 0, d / safe, torch.ones_like(d))
             dt0 = float(frac.min())
-        last = self._last_step_fraction(length, safe)
         y = self.rec.y.clone()
         a = torch.zeros_like(yf0)
         a_th = torch.zeros(P, dtype=dt, device=yf0.device)
@@ -422,7 +422,8 @@ class _BacksolveIndependent(_IndependentRunner):
         for sg in stops:
             if sg > s_cur:
                 z = torch.cat([y.reshape(-1), a.reshape(-1), a_th])
-                step0 = dt0 if dt0 is not None else (min(last, sg - s_cur) if last else None)
+                h = dt0 if dt0 is not None else self._step_fraction_at(s_cur, length, safe)
+                step0 = None if h is None else min(h, sg - s_cur)
                 with torch.no_grad():
                     sol = solve(f, solver, s_cur, sg, z, dt0=step0, controller=controller, max_steps=p.max_steps)
                 z = sol.ys[-1]
@@ -441,13 +442,22 @@ class _BacksolveIndependent(_IndependentRunner):
         g0, g1 = self._time_grads(yf0, a, ctf)
         return assemble_grads(self.t_in, params, a.reshape(p.y0.shape), g0, g1, split_params(a_th, params))
 
-    def _last_step_fraction(self, length, safe):
-        """The smallest last forward step as a fraction of its sample's interval (a first backward step)."""
+    def _step_fraction_at(self, s, length, safe):
+        """The forward steps at normalised time ``s`` as fractions of their samples' intervals; the least.
+
+        Per sample as :func:`nde._backsolve.forward_step_at`: the step ending at or spanning the time,
+        the larger of the last two for the shortened last step. A first step for the backward solve.
+        """
         cnt = self.cnt
         if not bool((cnt > 0).any()):
             return None
-        idx = cnt.clamp(min=1)
-        h = (self.T.gather(1, idx.unsqueeze(1)) - self.T.gather(1, (idx - 1).unsqueeze(1))).squeeze(1)
+        t1 = self.T.gather(1, cnt.unsqueeze(1)).squeeze(1)
+        t = (t1 - s * length).unsqueeze(1)
+        last = (cnt - 1).clamp(min=0)
+        i = torch.minimum((torch.searchsorted(self.T.contiguous(), t.contiguous()).squeeze(1) - 1).clamp(min=0), last)
+        h = self.T.gather(1, (i + 1).unsqueeze(1)).squeeze(1) - self.T.gather(1, i.unsqueeze(1)).squeeze(1)
+        prev = self.T.gather(1, i.unsqueeze(1)).squeeze(1) - self.T.gather(1, (i - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+        h = torch.where((i == last) & (cnt >= 2), torch.maximum(h, prev), h)
         frac = torch.where((cnt > 0) & (length > 0), h / safe, torch.full_like(h, math.inf))
         v = float(frac.min())
         return v if math.isfinite(v) and v > 0 else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import copy
 import math
 
@@ -14,7 +15,7 @@ from ._adjoint_common import (
 )
 from ._controllers import ConstantStepSize, PIDController
 
-_NORMS = ("seminorm", "rms")
+_NORMS = ("seminorm", "rms", "mixed")
 
 
 def _rms_head(n):
@@ -23,6 +24,16 @@ def _rms_head(n):
     def norm(x):
         x = x.reshape(-1)[:n]
         return torch.linalg.vector_norm(x) / math.sqrt(max(n, 1))
+
+    return norm
+
+
+def _mixed(sizes):
+    """The largest RMS norm of consecutive pieces of the given sizes of a flat vector."""
+
+    def norm(x):
+        return torch.stack([torch.linalg.vector_norm(p) / math.sqrt(p.numel())
+                            for p in x.reshape(-1).split(sizes) if p.numel()]).max()
 
     return norm
 
@@ -49,8 +60,13 @@ class BacksolveAdjoint(AbstractAdjoint):
         solver, whose stability region suits the dissipative adjoint system poorly; for SDEs ``Heun``
         unless the forward solver is ``Heun``, ``Midpoint`` or ``EulerHeun``).
     norm:
-        ``"seminorm"`` (default) or ``"rms"`` (all channels, including the parameter adjoints). With an
-        implicit backward solver the RMS norm is used, since its stage iterations need it.
+        The error norm of the backward solve, over the augmented state ``[y, a, a_theta]`` (the adjoint
+        ``a`` of ``y`` and ``a_theta`` of the parameters): ``"seminorm"`` (default), the RMS norm of
+        ``[y, a]`` alone; ``"rms"``, the RMS norm of every entry of ``[y, a, a_theta]`` alike;
+        ``"mixed"``, the largest of the RMS norms of ``y``, of ``a`` and of each parameter's adjoint
+        (torchdiffeq's default for ``odeint_adjoint``, which weighs a small parameter tensor as much as
+        the whole state). With an implicit backward solver the RMS norm is used, since its stage
+        iterations need it.
     params:
         Optional tensors to differentiate, for vector fields that are not ``nn.Module`` s and whose
         parameters cannot be found by inspection (closures, globals and ``args`` are inspected).
@@ -106,7 +122,7 @@ class BacksolveAdjoint(AbstractAdjoint):
         runner = _BacksolveRunner(self, problem, params, t_in, sde)
         return run_with_function(runner, problem, function_inputs(t_in, params))
 
-    def backward_controller(self, problem, n_head, solver=None, longest=None):
+    def backward_controller(self, problem, n_head, solver=None, longest=None, param_sizes=()):
         """The controller of the backward solve and, for fixed steps, its step size.
 
         ``longest`` (the longest interval of a sample) is given when the backward solve runs in a
@@ -136,8 +152,12 @@ class BacksolveAdjoint(AbstractAdjoint):
             c.dtmax = None if c.dtmax is None else c.dtmax / longest
         # implicit solvers iterate their stages to a tolerance measured in the whole state: leaving the
         # parameter channels out of the error control leaves them unconverged, so they keep the RMS norm
-        semi = self.norm == "seminorm" and not getattr(solver, "implicit", False)
-        c.norm = _rms_head(n_head) if semi else None
+        if getattr(solver, "implicit", False) or self.norm == "rms":
+            c.norm = None
+        elif self.norm == "seminorm":
+            c.norm = _rms_head(n_head)
+        else:
+            c.norm = _mixed([n_head // 2, n_head // 2] + [int(k) for k in param_sizes])
         return c, None
 
     def __repr__(self):
@@ -250,6 +270,20 @@ def _sde_setup(problem, back_solver):
     return drift, diffusion, back_solver
 
 
+def forward_step_at(T, t):
+    """The forward solve's step size at time ``t`` (a first step for the backward solve from ``t``).
+
+    The step ending at or spanning ``t``; the last step was shortened to land on ``t1``, so there the
+    larger of it and the step before it.
+    """
+    n = len(T) - 1
+    i = min(max(bisect.bisect_left(T, t) - 1, 0), n - 1)
+    h = T[i + 1] - T[i]
+    if i == n - 1 and n >= 2:
+        h = max(h, T[i] - T[i - 1])
+    return h
+
+
 class _BacksolveRunner:
     def __init__(self, adjoint, problem, params, t_in, sde=None):
         self.adj, self.p, self.params, self.t_in = adjoint, problem, params, t_in
@@ -300,7 +334,7 @@ class _BacksolveRunner:
             sign = float(p.sign)
         else:
             f = augmented_field(p.terms, self.params, p.args, shape, n)
-        controller, dt0 = self.adj.backward_controller(p, 2 * n, solver)
+        controller, dt0 = self.adj.backward_controller(p, 2 * n, solver, param_sizes=[x.numel() for x in self.params])
         y = rec.y if rec.y is not None else y0
         a = torch.zeros_like(y0)
         a_th = torch.zeros(P, dtype=y0.dtype, device=y0.device)
@@ -312,8 +346,8 @@ class _BacksolveRunner:
                 if dt0 is not None:
                     step0 = -dt0
                 elif len(T) > 1:
-                    # start from the forward solve's last step size instead of estimating one (2 evaluations)
-                    step0 = -min(T[-1] - T[-2], t_cur - tg)
+                    # start from the forward solve's step size at t_cur instead of estimating one (2 evaluations)
+                    step0 = -min(forward_step_at(T, t_cur), t_cur - tg)
                 else:
                     step0 = None
                 with torch.no_grad():

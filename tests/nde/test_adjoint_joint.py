@@ -63,7 +63,7 @@ def test_backsolve_matches_direct(solver, saveat):
     if solver == "tsit5":
         kw["controller"] = nde.PIDController(rtol=1e-9, atol=1e-11)
     ref, _ = _grads(nde.DirectAdjoint(), cls(), net, y0, SAVEATS[saveat](), **kw)
-    for norm in ("seminorm", "rms"):
+    for norm in ("seminorm", "rms", "mixed"):
         adj = nde.BacksolveAdjoint(norm=norm)
         got, _ = _grads(adj, cls(), net, y0, SAVEATS[saveat](), **kw)
         assert _rel(got, ref) < (1e-7 if solver == "tsit5" else 1e-6)
@@ -83,6 +83,28 @@ def test_seminorm_takes_fewer_steps():
         (sol.ys**2).sum().backward()
         nfes[norm] = adj.backward_stats["nfe"]
     assert nfes["seminorm"] <= 0.9 * nfes["rms"], nfes
+
+
+def test_backsolve_norms_and_first_steps():
+    from nde._backsolve import _mixed, _rms_head
+
+    x = torch.tensor([3.0, 4.0, 0.0, 1.0, 1.0, 1.0, 12.0])
+    assert float(_rms_head(4)(x)) == pytest.approx((26 / 4) ** 0.5)  # y and a only
+    assert float(_mixed([2, 2, 2, 1])(x)) == pytest.approx(12.0)  # torchdiffeq's default: the largest piece
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(),
+                              torch.nn.Linear(64, 16))
+    y0 = torch.randn(32, 16, requires_grad=True)
+    stats = {}
+    for norm in ("seminorm", "rms", "mixed"):
+        adj = nde.BacksolveAdjoint(norm=norm)
+        sol = nde.solve(lambda t, y: net(y), Dopri5(), 0.0, 5.0, y0, adjoint=adj,
+                        controller=nde.PIDController(rtol=1e-6, atol=1e-6), saveat=nde.SaveAt(ts=torch.linspace(0, 5, 11)))
+        (sol.ys**2).sum().backward()
+        stats[norm] = adj.backward_stats
+    # each of the 10 stretches between outputs starts from the forward's step there and takes one step;
+    # starting every stretch from the forward's shortened last step took 20 steps, 130 evaluations
+    assert stats["seminorm"]["num_steps"] == 10 and stats["seminorm"]["nfe"] == 70, stats
 
 
 @pytest.mark.parametrize("adjoint", ["checkpoint", "backsolve"])
