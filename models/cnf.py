@@ -53,13 +53,16 @@ class CNF(nn.Module):
         Length of the flow.
     solver, rtol, atol, adjoint:
         How the flow is solved and differentiated (default ``Dopri5``, 1e-5, 1e-7, ``DirectAdjoint``).
+    dt0:
+        None (default): adaptive steps to ``rtol``/``atol``. A number: fixed steps of that size (then
+        ``solver`` may be a fixed-step method such as ``nde.solvers.RK4()``), a cost known in advance.
     trace:
         ``"exact"``, ``"hutchinson"`` or ``"auto"`` (exact when ``dim <= exact_trace_max_dim``).
     """
 
     def __init__(self, dim: int, vector_field: nn.Module | None = None, width: int = 64, depth: int = 2,
                  t1: float = 1.0, solver=None, rtol: float = 1e-5, atol: float = 1e-7, adjoint=None,
-                 trace: str = "auto", exact_trace_max_dim: int = 8):
+                 trace: str = "auto", exact_trace_max_dim: int = 8, dt0: float | None = None):
         super().__init__()
         if not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be a positive integer; got {dim!r}.")
@@ -75,6 +78,9 @@ class CNF(nn.Module):
         self.adjoint = adjoint
         self.trace = trace
         self.exact_trace_max_dim = exact_trace_max_dim
+        if dt0 is not None and (isinstance(dt0, bool) or not isinstance(dt0, (int, float)) or not 0 < dt0 <= t1):
+            raise ValueError(f"dt0 must be None or a step size in (0, t1={t1}]; got {dt0!r}.")
+        self.dt0 = None if dt0 is None else float(dt0)
 
     def _exact(self) -> bool:
         return self.trace == "exact" or (self.trace == "auto" and self.dim <= self.exact_trace_max_dim)
@@ -105,6 +111,9 @@ class CNF(nn.Module):
         return field
 
     def _solve(self, term, y0, t0, t1):
+        if self.dt0 is not None:
+            dt0 = self.dt0 if t1 > t0 else -self.dt0
+            return nde.solve(term, self.solver, t0, t1, y0, dt0=dt0, adjoint=self.adjoint).ys[-1]
         ctrl = nde.PIDController(rtol=self.rtol, atol=self.atol)
         return nde.solve(term, self.solver, t0, t1, y0, controller=ctrl, adjoint=self.adjoint).ys[-1]
 

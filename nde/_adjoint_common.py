@@ -323,11 +323,13 @@ class JointStepper:
         return a_y if res[0] is None else a_y + res[0]
 
 
-def time_grads(problem, t_inputs, y0, y_final, a0_total, ct, at_start, at_t1):
+def time_grads(problem, t_inputs, y0, y_final, a0_total, ct, at_t1):
     """Gradients with respect to ``t0`` and ``t1`` (continuous formula, ODE terms only).
 
     ``dL/dt1 = <ct_{t1}, f(t1, y(t1))>``, ``dL/dt0 = -<a(t0), f(t0, y0)>`` where ``a(t0)`` excludes the
-    cotangents of outputs that are ``y0`` itself.
+    cotangent of the ``SaveAt(t0=True)`` output, which is ``y0`` itself whatever ``t0`` is. An output
+    saved at a fixed time of ``SaveAt(ts=...)`` equal to ``t0`` is ``y(ts)`` and does depend on ``t0``
+    (``dy(ts)/dt0 = -f(t0, y0)`` there, the limit from inside the interval).
     """
     g0 = g1 = None
     tin0, tin1 = t_inputs
@@ -344,9 +346,7 @@ def time_grads(problem, t_inputs, y0, y_final, a0_total, ct, at_start, at_t1):
         elif tin1 is not None:
             g1 = torch.zeros_like(tin1)
         if tin0 is not None:
-            a = a0_total
-            for k in at_start:
-                a = a - ct[k]
+            a = a0_total - ct[0] if problem.saveat.t0 else a0_total
             t0 = torch.as_tensor(float(problem.t0_in), dtype=y0.dtype, device=y0.device)
             f0 = terms.ode(t0, y0, args)
             g0 = (-(a * f0).sum()).reshape(tin0.shape).to(tin0.dtype)

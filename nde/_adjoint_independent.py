@@ -13,9 +13,7 @@ import math
 
 import torch
 
-from ._adjoint_common import (
-    SolveFunction, collect_params, flatten_state, map_state,
-)
+from ._adjoint_common import assemble_grads, collect_params, flatten_state, map_state, run_with_function
 
 
 def _where_state(mask, new, old, tb):
@@ -92,6 +90,7 @@ class _IndependentRunner:
         self.B = math.prod(self.bshape)
         self.ev = tuple(p.y0.shape[nb:])
         self.pad = (1,) * len(self.ev)
+        self.nfe = 0  # vector-field evaluations (of the lockstep batch) since the last reset
 
     def tb(self, x):
         return x.reshape((x.shape[0],) + self.pad)
@@ -105,7 +104,8 @@ class _IndependentRunner:
     def init_state(self, yf):
         p = self.p
         t0, t1 = self._times()
-        st, _ = p.solver.init(p.terms, self.tb(t0), self.tb(t1), yf, p.args)
+        st, k = p.solver.init(p.terms, self.tb(t0), self.tb(t1), yf, p.args)
+        self.nfe += k
         return st
 
     def forward(self):
@@ -173,6 +173,7 @@ class _IndependentRunner:
         t, tn = self.T[:, i], self.T[:, i + 1]
         real = i < self.cnt
         y1, _, info, st1, n = p.solver.step(p.terms, self.tb(t), self.tb(tn), y, p.args, st)
+        self.nfe += n
         outs = []
         for has, j, theta in slots:
             vals, _ = p.solver.dense_eval(p.terms, p.args, self.tb(t), self.tb(tn), info, self.tb(theta).to(y.dtype))
@@ -192,7 +193,8 @@ class _IndependentRunner:
         t, tn = self.T[:, i], self.T[:, i + 1]
         real = i < self.cnt
         with torch.no_grad():
-            y0, st0, _ = p.solver.reverse_step(p.terms, self.tb(t), self.tb(tn), y, p.args, st)
+            y0, st0, k = p.solver.reverse_step(p.terms, self.tb(t), self.tb(tn), y, p.args, st)
+            self.nfe += k
             return torch.where(self.tb(real), y0, y), _where_state(real, st0, st, self.tb)
 
     def vjp(self, i, y, st, a_y, a_st, ctf, grads):
@@ -245,6 +247,7 @@ class _IndependentRunner:
         if self.at_t1 is not None:
             a_y = a_y + ctf[self.at_t1]
         n = self.T.shape[1] - 1
+        self.nfe = 0
         if self.kind == "checkpoint":
             a_y, a_st = self._backward_checkpoint(n, yf0, a_y, ctf, grads)
         elif self.kind == "reversible":
@@ -252,13 +255,10 @@ class _IndependentRunner:
         else:
             raise AssertionError(self.kind)
         a_y = self.vjp_init(yf0, a_y, a_st, grads)
+        self.adj.backward_stats["nfe"] = self.nfe
         a_y = self._add_start(a_y, ctf)
         g0, g1 = self._time_grads(yf0, a_y, ctf)
-        out = [a_y.reshape(p.y0.shape)]
-        for t, g in zip(self.t_in, (g0, g1)):
-            if t is not None:
-                out.append(g)
-        return out + grads
+        return assemble_grads(self.t_in, self.params, a_y.reshape(p.y0.shape), g0, g1, grads)
 
     def _add_start(self, a_y, ctf):
         if self.p.saveat.t0:
@@ -268,10 +268,6 @@ class _IndependentRunner:
             blk = ctf[self.off:self.off + self.n_ts]  # (n_ts, B, ...)
             a_y = a_y + (blk * m.t().reshape(m.t().shape + self.pad)).sum(0)
         return a_y
-
-    def _start_only(self, ctf):
-        z = torch.zeros_like(ctf[0])
-        return self._add_start(z, ctf)
 
     def _time_grads(self, yf0, a_total, ctf):
         p = self.p
@@ -289,7 +285,8 @@ class _IndependentRunner:
                     f1 = terms.ode(self.tb(t1).to(yf0.dtype), self.rec.y, args) * p.sign
                     g1 = self._reduce(ctf[self.at_t1] * f1, tin1)
             if tin0 is not None:
-                a = a_total - self._start_only(ctf)
+                # only the SaveAt(t0=True) output is y0 whatever t0 is; an output of ts at t0 is y(ts)
+                a = a_total - ctf[0] if p.saveat.t0 else a_total
                 f0 = terms.ode(self.tb(t0).to(yf0.dtype), yf0, args) * p.sign
                 g0 = self._reduce(-(a * f0), tin0)
         return g0, g1
@@ -301,32 +298,13 @@ class _IndependentRunner:
         return x.reshape(self.B, -1).sum(1).reshape(t.shape).to(t.dtype)
 
     def _backward_checkpoint(self, n, yf0, a_y, ctf, grads):
-        from ._checkpoint import binomial_split, default_checkpoints
+        from ._checkpoint import default_checkpoints, reverse_with_checkpoints
 
         slots = self.adj.checkpoints if self.adj.checkpoints is not None else default_checkpoints(n)
-        st0 = self.init_state(yf0)
-        stack = [(0, yf0, st0)]
-        a_st = None
-        end = n
-        while end > 0:
-            i0, y, st = stack[-1]
-            if end - i0 == 1:
-                a_y, a_st = self.vjp(i0, y, st, a_y, a_st, ctf, grads)
-                end = i0
-                if i0 > 0:
-                    stack.pop()
-                continue
-            free = slots - len(stack)
-            if free <= 0:
-                for i in range(i0, end - 1):
-                    y, st = self.advance(i, y, st)
-                a_y, a_st = self.vjp(end - 1, y, st, a_y, a_st, ctf, grads)
-                end -= 1
-                continue
-            m = i0 + binomial_split(end - i0, free)
-            for i in range(i0, m):
-                y, st = self.advance(i, y, st)
-            stack.append((m, y, st))
+        a_y, a_st, sched = reverse_with_checkpoints(
+            n, slots, (yf0, self.init_state(yf0)), lambda i, s: self.advance(i, *s),
+            lambda i, s, a: self.vjp(i, *s, *a, ctf, grads), (a_y, None))
+        self.adj.backward_stats = dict(num_steps=self.cnt.reshape(self.bshape), lockstep_steps=n, **sched)
         return a_y, a_st
 
     def _backward_reversible(self, n, a_y, ctf, grads):
@@ -336,8 +314,26 @@ class _IndependentRunner:
         for i in range(n - 1, -1, -1):
             y, st = self.reverse(i, y, st)
             a_y, a_st = self.vjp(i, y, st, a_y, a_st, ctf, grads)
+        from ._reversible_adjoint import check_reconstruction
+
         yf0 = self.p.y0.detach().reshape((self.B,) + self.ev)
-        self.adj.backward_stats = {"num_steps": n, "reconstruction_error": float((y - yf0).abs().max()) if n else 0.0}
+        err = rel = 0.0
+        worst = None
+        if n and self.B:
+            e = (y - yf0).abs().reshape(self.B, -1).amax(1)
+            scale = yf0.abs().reshape(self.B, -1).amax(1)
+            scale = torch.where(scale > 0, scale, self.rec.y.abs().reshape(self.B, -1).amax(1))
+            r = torch.where(e == 0, torch.zeros_like(e), e / scale)
+            r = torch.where(torch.isnan(r), torch.full_like(r, math.inf), r)
+            worst = int(r.argmax())
+            err, rel = float(e.max()), float(r[worst])
+        self.adj.backward_stats = {"num_steps": self.cnt.reshape(self.bshape), "lockstep_steps": n, "reconstruction_error": err,
+                                   "reconstruction_rel_error": rel}
+        if worst is not None:
+            idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), self.bshape)) if self.bshape else None
+            t0 = float(self._times()[0][worst]) * self.p.sign
+            check_reconstruction(self.adj, self.p.solver, int(self.cnt[worst]), err, rel, t0, yf0.dtype,
+                                 sample=idx[0] if idx is not None and len(idx) == 1 else idx)
         return a_y, a_st
 
 
@@ -357,48 +353,111 @@ def run_independent(problem, adjoint, kind):
         return _run_backsolve_independent(problem, adjoint, params, t_in)
     runner = _IndependentRunner(adjoint, problem, kind, params, t_in)
     inputs = [t for t in t_in if t is not None] + params
-    needs = torch.is_grad_enabled() and (problem.y0.requires_grad or any(x.requires_grad for x in inputs))
-    if not needs:
-        with torch.no_grad():
-            runner.forward()
-        return runner.solution
-    ys = SolveFunction.apply(runner, problem.y0, *inputs)
-    sol = runner.solution
-    sol.ys = ys
-    return sol
+    return run_with_function(runner, problem, inputs)
 
 
 def _run_backsolve_independent(problem, adjoint, params, t_in):
-    from ._adjoint_common import function_inputs, run_with_function
-    from ._backsolve import _BacksolveRunner
-
-    if isinstance(problem.t0, torch.Tensor) or isinstance(problem.t1, torch.Tensor) or problem.ts_per_sample:
-        raise ValueError(
-            "BacksolveAdjoint in batch_mode='independent' needs t0, t1 and SaveAt(ts=...) shared by all samples; "
-            "use CheckpointAdjoint for per-sample times."
-        )
-
-    class _Runner(_BacksolveRunner):
-        def forward(self):
-            p = self.p
-            inner = _IndependentRunner(adjoint, p, "backsolve", params, t_in)
-            ys = inner.forward()
-            self.solution = inner.solution
-            self.ys = ys
-            self.final_y = inner.rec.y.reshape(p.y0.shape)
-            self.rec = _JointView(p)
-            self.rec.y = self.final_y
-            return ys
-
-    runner = _Runner(adjoint, problem, params, t_in)
-    return run_with_function(runner, problem, function_inputs(t_in, params))
+    runner = _BacksolveIndependent(adjoint, problem, "backsolve", params, t_in)
+    inputs = [t for t in t_in if t is not None] + params
+    return run_with_function(runner, problem, inputs)
 
 
-class _JointView:
-    """The output times of a shared-time independent solve, in the shape the joint backsolve expects."""
+class _BacksolveIndependent(_IndependentRunner):
+    """The continuous adjoint of an independent-mode solve: every sample on its own interval.
 
-    def __init__(self, p):
-        self.T = [p.t0, p.t1]
-        self.jumps = [False]
-        self.y = None
-        self.state = None
+    Sample ``b``'s augmented system runs backwards over its own ``[t0_b, t1_b]``, written in a shared
+    normalised time ``s`` in ``[0, 1]`` (``t = t1_b + s (t0_b - t1_b)``), so that one solve carries the
+    whole batch and its parameter channel sums the samples' parameter adjoints. The solve stops at every
+    distinct ``s`` of a saved output, where those samples' ``y`` is reset to the saved value and the
+    output's cotangent is added to their adjoint.
+    """
+
+    def backward(self, ct):
+        from ._backsolve import augmented_field, split_params
+        from ._controllers import ConstantStepSize
+        from ._solve import solve
+
+        p, adj = self.p, self.adj
+        B, pad = self.B, self.pad
+        ctf = ct.reshape((ct.shape[0], B) + self.ev)
+        ysf = self.ys.reshape((self.ys.shape[0], B) + self.ev)
+        self._prepare_outputs()
+        yf0 = p.y0.detach().reshape((B,) + self.ev)
+        t0, t1 = self._times()
+        length = t1 - t0
+        # the normalised time of every output, (n_out, B)
+        when = []
+        if p.saveat.t0:
+            when.append(t0)
+        if self.n_ts:
+            when.extend(self.ts_full.t().unbind(0))
+        if self.at_t1 is not None:
+            when.append(t1)
+        safe = torch.where(length > 0, length, torch.ones_like(length))
+        s_out = torch.stack([torch.where(length > 0, (t1 - w) / safe, torch.zeros_like(w)).clamp(0, 1) for w in when])
+        stops = sorted(set(s_out.reshape(-1).tolist()) | {0.0, 1.0})
+        dt = yf0.dtype
+        rescale = (t1.to(dt).reshape((B,) + pad), -length.to(dt).reshape((B,) + pad))
+        params = self.params
+        n = yf0.numel()
+        P = sum(x.numel() for x in params)
+        f = augmented_field(p.terms, params, p.args, tuple(yf0.shape), n, rescale=rescale)
+        solver = adj.solver or p.solver
+        if adj.solver is None and getattr(solver, "reversible", False):
+            from nde.solvers.rk import Tsit5
+
+            solver = Tsit5()
+        controller, dt0 = adj.backward_controller(p, 2 * n, solver, longest=float(length.max()) if B else 1.0,
+                                                  param_sizes=[x.numel() for x in params])
+        if isinstance(controller, ConstantStepSize):
+            # the forward's step in every sample's own time: the smallest fraction of an interval
+            d = torch.as_tensor(p.dt0, dtype=torch.float64).abs().expand(t0.shape)
+            frac = torch.where(length > 0, d / safe, torch.ones_like(d))
+            dt0 = float(frac.min())
+        y = self.rec.y.clone()
+        a = torch.zeros_like(yf0)
+        a_th = torch.zeros(P, dtype=dt, device=yf0.device)
+        nfe = steps = 0
+        s_cur = 0.0
+        for sg in stops:
+            if sg > s_cur:
+                z = torch.cat([y.reshape(-1), a.reshape(-1), a_th])
+                h = dt0 if dt0 is not None else self._step_fraction_at(s_cur, length, safe)
+                step0 = None if h is None else min(h, sg - s_cur)
+                with torch.no_grad():
+                    sol = solve(f, solver, s_cur, sg, z, dt0=step0, controller=controller, max_steps=p.max_steps)
+                z = sol.ys[-1]
+                nfe += sol.stats["nfe"]
+                steps += sol.stats["num_steps"]
+                y, a, a_th = z[:n].reshape(yf0.shape), z[n:2 * n].reshape(yf0.shape), z[2 * n:]
+                s_cur = sg
+            hit = s_out == sg  # (n_out, B)
+            if bool(hit.any()):
+                y, a = y.clone(), a.clone()
+                for k in hit.any(1).nonzero().flatten().tolist():
+                    m = hit[k].reshape((B,) + pad)
+                    y = torch.where(m, ysf[k], y)
+                    a = torch.where(m, a + ctf[k], a)
+        adj.backward_stats = {"nfe": nfe, "num_steps": steps, "stops": len(stops) - 1}
+        g0, g1 = self._time_grads(yf0, a, ctf)
+        return assemble_grads(self.t_in, params, a.reshape(p.y0.shape), g0, g1, split_params(a_th, params))
+
+    def _step_fraction_at(self, s, length, safe):
+        """The forward steps at normalised time ``s`` as fractions of their samples' intervals; the least.
+
+        Per sample as :func:`nde._backsolve.forward_step_at`: the step ending at or spanning the time,
+        the larger of the last two for the shortened last step. A first step for the backward solve.
+        """
+        cnt = self.cnt
+        if not bool((cnt > 0).any()):
+            return None
+        t1 = self.T.gather(1, cnt.unsqueeze(1)).squeeze(1)
+        t = (t1 - s * length).unsqueeze(1)
+        last = (cnt - 1).clamp(min=0)
+        i = torch.minimum((torch.searchsorted(self.T.contiguous(), t.contiguous()).squeeze(1) - 1).clamp(min=0), last)
+        h = self.T.gather(1, (i + 1).unsqueeze(1)).squeeze(1) - self.T.gather(1, i.unsqueeze(1)).squeeze(1)
+        prev = self.T.gather(1, i.unsqueeze(1)).squeeze(1) - self.T.gather(1, (i - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+        h = torch.where((i == last) & (cnt >= 2), torch.maximum(h, prev), h)
+        frac = torch.where((cnt > 0) & (length > 0), h / safe, torch.full_like(h, math.inf))
+        v = float(frac.min())
+        return v if math.isfinite(v) and v > 0 else None

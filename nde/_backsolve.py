@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import copy
 import math
 
@@ -14,7 +15,7 @@ from ._adjoint_common import (
 )
 from ._controllers import ConstantStepSize, PIDController
 
-_NORMS = ("seminorm", "rms")
+_NORMS = ("seminorm", "rms", "mixed")
 
 
 def _rms_head(n):
@@ -23,6 +24,16 @@ def _rms_head(n):
     def norm(x):
         x = x.reshape(-1)[:n]
         return torch.linalg.vector_norm(x) / math.sqrt(max(n, 1))
+
+    return norm
+
+
+def _mixed(sizes):
+    """The largest RMS norm of consecutive pieces of the given sizes of a flat vector."""
+
+    def norm(x):
+        return torch.stack([torch.linalg.vector_norm(p) / math.sqrt(p.numel())
+                            for p in x.reshape(-1).split(sizes) if p.numel()]).max()
 
     return norm
 
@@ -49,8 +60,13 @@ class BacksolveAdjoint(AbstractAdjoint):
         solver, whose stability region suits the dissipative adjoint system poorly; for SDEs ``Heun``
         unless the forward solver is ``Heun``, ``Midpoint`` or ``EulerHeun``).
     norm:
-        ``"seminorm"`` (default) or ``"rms"`` (all channels, including the parameter adjoints). With an
-        implicit backward solver the RMS norm is used, since its stage iterations need it.
+        The error norm of the backward solve, over the augmented state ``[y, a, a_theta]`` (the adjoint
+        ``a`` of ``y`` and ``a_theta`` of the parameters): ``"seminorm"`` (default), the RMS norm of
+        ``[y, a]`` alone; ``"rms"``, the RMS norm of every entry of ``[y, a, a_theta]`` alike;
+        ``"mixed"``, the largest of the RMS norms of ``y``, of ``a`` and of each parameter's adjoint
+        (torchdiffeq's default for ``odeint_adjoint``, which weighs a small parameter tensor as much as
+        the whole state). With an implicit backward solver the RMS norm is used, since its stage
+        iterations need it.
     params:
         Optional tensors to differentiate, for vector fields that are not ``nn.Module`` s and whose
         parameters cannot be found by inspection (closures, globals and ``args`` are inspected).
@@ -58,7 +74,13 @@ class BacksolveAdjoint(AbstractAdjoint):
     Notes
     -----
     The gradient is that of the exact solution map, computed to the backward tolerance; it agrees with
-    :class:`~nde.DirectAdjoint`'s to about the tolerances used. ODE terms, CDEs whose control is
+    :class:`~nde.DirectAdjoint`'s to about the tolerances used. With respect to ``t0`` and ``t1`` it is
+    the flow's derivative, ``<dL/dy(t1), f(t1, y(t1))>`` and ``-<a(t0), f(t0, y0)>``, like every adjoint's.
+    After a fixed-step forward solve the backward solve takes the forward's step size, unless ``rtol``
+    or ``atol`` is given and the backward ``solver`` has an error estimate: then it adapts to them (as
+    torchdiffeq's adjoint does with an adaptive ``adjoint_method``). In ``batch_mode="independent"`` every sample's augmented system runs on its own
+    ``[t0, t1]`` and stops at its own save times (one solve in a normalised time ``s`` in ``[0, 1]`` carries
+    the batch, with its step size shared); the parameter adjoint is summed over the samples. ODE terms, CDEs whose control is
     differentiable, and Stratonovich SDEs ``MultiTerm(ODETerm(f), ControlTerm(g, brownian))`` solved by
     ``Heun``, ``Midpoint``, ``EulerHeun`` or ``ReversibleHeun`` (joint batch mode) are supported. For an SDE
     the adjoint SDE ``da = -a df/dy dt - a d(g o dW)/dy`` is solved backwards on the forward solve's
@@ -100,10 +122,20 @@ class BacksolveAdjoint(AbstractAdjoint):
         runner = _BacksolveRunner(self, problem, params, t_in, sde)
         return run_with_function(runner, problem, function_inputs(t_in, params))
 
-    def backward_controller(self, problem, n_head, solver=None):
+    def backward_controller(self, problem, n_head, solver=None, longest=None, param_sizes=()):
+        """The controller of the backward solve and, for fixed steps, its step size.
+
+        ``longest`` (the longest interval of a sample) is given when the backward solve runs in a
+        normalised time ``s`` in ``[0, 1]`` (independent mode): step bounds are converted to it and the
+        forward's ``step_ts``/``jump_ts``, which have no meaning there, are dropped.
+        """
         c = problem.controller
         if isinstance(c, ConstantStepSize):
-            return ConstantStepSize(), abs(problem.dt0)
+            fixed = getattr(solver, "error_order", None) is None
+            if fixed or (self.rtol is None and self.atol is None):
+                return ConstantStepSize(), abs(problem.dt0) if not isinstance(problem.dt0, torch.Tensor) else None
+            c = PIDController(rtol=self.rtol if self.rtol is not None else 1e-3,
+                              atol=self.atol if self.atol is not None else 1e-6)
         c = copy.copy(c)
         if not isinstance(c, PIDController):
             return c, None
@@ -113,10 +145,19 @@ class BacksolveAdjoint(AbstractAdjoint):
             c.atol = self.atol
         if isinstance(c.atol, torch.Tensor):
             c.atol = float(c.atol.max())
+        if longest is not None:
+            longest = max(longest, 1e-300)
+            c.step_ts, c.jump_ts = [], []
+            c.dtmin = None if c.dtmin is None else c.dtmin / longest
+            c.dtmax = None if c.dtmax is None else c.dtmax / longest
         # implicit solvers iterate their stages to a tolerance measured in the whole state: leaving the
         # parameter channels out of the error control leaves them unconverged, so they keep the RMS norm
-        semi = self.norm == "seminorm" and not getattr(solver, "implicit", False)
-        c.norm = _rms_head(n_head) if semi else None
+        if getattr(solver, "implicit", False) or self.norm == "rms":
+            c.norm = None
+        elif self.norm == "seminorm":
+            c.norm = _rms_head(n_head)
+        else:
+            c.norm = _mixed([n_head // 2, n_head // 2] + [int(k) for k in param_sizes])
         return c, None
 
     def __repr__(self):
@@ -131,8 +172,13 @@ def _transformed(z):
         return False
 
 
-def augmented_field(terms, params, args, shape, n):
-    """``(t, z) -> dz/dt`` of the augmented state ``z = [y, a, a_theta]`` (flat)."""
+def augmented_field(terms, params, args, shape, n, rescale=None):
+    """``(t, z) -> dz/dt`` of the augmented state ``z = [y, a, a_theta]`` (flat).
+
+    With ``rescale = (t_end, w)`` (per-sample tensors broadcastable against ``y``), the argument is a
+    normalised time ``s`` and each sample runs on its own interval: ``t = t_end + s w`` and
+    ``dz/ds = w dz/dt``; the parameter channel sums every sample's ``w a^T df/dtheta``.
+    """
 
     def f(t, z):
         if _transformed(z):
@@ -144,6 +190,10 @@ def augmented_field(terms, params, args, shape, n):
         diff = torch.is_grad_enabled() and z.requires_grad
         y = z[:n].reshape(shape)
         a = z[n:2 * n].reshape(shape)
+        if rescale is not None:
+            t_end, w = rescale
+            t = t_end + t * w
+            a = a * w
         with torch.enable_grad():
             y_ = y if diff else y.detach().requires_grad_(True)
             fy = terms.ode(t, y_, args)
@@ -153,12 +203,23 @@ def augmented_field(terms, params, args, shape, n):
                 gr = [None] * (1 + len(params))
         if not diff:
             fy = fy.detach()
+        if rescale is not None:
+            fy = fy * w
         parts = [fy.reshape(-1), (gr[0] if gr[0] is not None else torch.zeros_like(y)).reshape(-1)]
         for prm, g in zip(params, gr[1:]):
             parts.append(torch.zeros(prm.numel(), dtype=z.dtype, device=z.device) if g is None else g.reshape(-1).to(z.dtype))
         return torch.cat(parts)
 
     return f
+
+
+def split_params(a_th, params):
+    """The flat parameter channel ``a_th`` cut into one gradient per parameter."""
+    grads, off = [], 0
+    for prm in params:
+        grads.append(a_th[off:off + prm.numel()].reshape(prm.shape).to(prm.dtype))
+        off += prm.numel()
+    return grads
 
 
 _STRATONOVICH_SOLVERS = ("Heun", "Midpoint", "EulerHeun")
@@ -207,6 +268,20 @@ def _sde_setup(problem, back_solver):
             f"SDE (they step the adjoint through its diffusion's products); got {back_solver!r}."
         )
     return drift, diffusion, back_solver
+
+
+def forward_step_at(T, t):
+    """The forward solve's step size at time ``t`` (a first step for the backward solve from ``t``).
+
+    The step ending at or spanning ``t``; the last step was shortened to land on ``t1``, so there the
+    larger of it and the step before it.
+    """
+    n = len(T) - 1
+    i = min(max(bisect.bisect_left(T, t) - 1, 0), n - 1)
+    h = T[i + 1] - T[i]
+    if i == n - 1 and n >= 2:
+        h = max(h, T[i] - T[i - 1])
+    return h
 
 
 class _BacksolveRunner:
@@ -259,7 +334,7 @@ class _BacksolveRunner:
             sign = float(p.sign)
         else:
             f = augmented_field(p.terms, self.params, p.args, shape, n)
-        controller, dt0 = self.adj.backward_controller(p, 2 * n, solver)
+        controller, dt0 = self.adj.backward_controller(p, 2 * n, solver, param_sizes=[x.numel() for x in self.params])
         y = rec.y if rec.y is not None else y0
         a = torch.zeros_like(y0)
         a_th = torch.zeros(P, dtype=y0.dtype, device=y0.device)
@@ -271,8 +346,8 @@ class _BacksolveRunner:
                 if dt0 is not None:
                     step0 = -dt0
                 elif len(T) > 1:
-                    # start from the forward solve's last step size instead of estimating one (2 evaluations)
-                    step0 = -min(T[-1] - T[-2], t_cur - tg)
+                    # start from the forward solve's step size at t_cur instead of estimating one (2 evaluations)
+                    step0 = -min(forward_step_at(T, t_cur), t_cur - tg)
                 else:
                     step0 = None
                 with torch.no_grad():
@@ -289,9 +364,6 @@ class _BacksolveRunner:
                 for k in ks:
                     a = a + ct[k]
         self.adj.backward_stats = {"nfe": nfe, "num_steps": steps}
-        grads, off = [], 0
-        for prm in self.params:
-            grads.append(a_th[off:off + prm.numel()].reshape(prm.shape).to(prm.dtype))
-            off += prm.numel()
-        g0, g1 = time_grads(p, self.t_in, y0, rec.y if rec.y is not None else y0, a, ct, at_start, at_t1)
+        grads = split_params(a_th, self.params)
+        g0, g1 = time_grads(p, self.t_in, y0, rec.y if rec.y is not None else y0, a, ct, at_t1)
         return assemble_grads(self.t_in, self.params, a, g0, g1, grads)

@@ -54,6 +54,16 @@ class CheckpointAdjoint(AbstractAdjoint):
     :class:`~nde.DirectAdjoint` computes, with memory ``O(checkpoints)`` instead of ``O(steps)`` and
     every step recomputed at most ``r`` times, ``C(checkpoints + r, r) >= steps``.
 
+    After a backward pass, ``backward_stats`` holds ``nfe`` (vector-field evaluations of the backward
+    pass), ``num_steps``, ``recomputed_steps`` (steps re-taken without a graph to rebuild states, at most
+    ``r * num_steps``), ``checkpoints`` (the slots available) and ``max_checkpoints`` (the most states
+    stored at once, the initial state included).
+
+    The gradients with respect to ``t0`` and ``t1`` are those of the exact flow,
+    ``dL/dt1 = <dL/dy(t1), f(t1, y(t1))>`` and ``dL/dt0 = -<a(t0), f(t0, y0)>``, evaluated at the
+    computed solution, not the derivative of the discrete solution with respect to its end points
+    (which differs from it by the solver's error).
+
     Griewank & Walther (2000), "Algorithm 799: revolve", *ACM Trans. Math. Softw.* 26(1).
 
     Parameters
@@ -72,6 +82,7 @@ class CheckpointAdjoint(AbstractAdjoint):
             raise ValueError(f"checkpoints must be a positive integer or None; got {checkpoints!r}.")
         self.checkpoints = checkpoints
         self.params = None if params is None else list(params)
+        self.backward_stats = None
 
     def run(self, problem):
         check_supported(problem, "CheckpointAdjoint")
@@ -81,16 +92,52 @@ class CheckpointAdjoint(AbstractAdjoint):
             return run_independent(problem, self, "checkpoint")
         t_in = time_inputs(problem)
         params = [x for x in collect_params(problem, self.params) if all(x is not t for t in t_in)]
-        runner = _CheckpointRunner(problem, params, t_in, self.checkpoints)
+        runner = _CheckpointRunner(self, problem, params, t_in)
         return run_with_function(runner, problem, function_inputs(t_in, params))
 
     def __repr__(self):
         return f"CheckpointAdjoint(checkpoints={self.checkpoints})"
 
 
+def reverse_with_checkpoints(n, slots, state0, advance, vjp, cot):
+    """Reverse ``n`` steps with at most ``slots`` stored states, on Griewank's binomial schedule.
+
+    ``state0`` is the initial state (it occupies one slot); ``advance(i, state) -> state`` takes step ``i``
+    without a graph; ``vjp(i, state, cot) -> cot`` pulls the cotangent of step ``i``'s output back to its
+    input. Returns ``(*cot, stats)`` with the cotangent of the initial state and the schedule's counts:
+    ``recomputed_steps`` and ``checkpoints``/``max_checkpoints``.
+    """
+    stack = [(0, state0)]
+    end, advances, most = n, 0, 1
+    while end > 0:
+        i0, st = stack[-1]
+        if end - i0 == 1:
+            cot = vjp(i0, st, cot)
+            end = i0
+            if i0 > 0:
+                stack.pop()
+            continue
+        free = slots - len(stack)
+        if free <= 0:
+            for i in range(i0, end - 1):
+                st = advance(i, st)
+            advances += end - 1 - i0
+            cot = vjp(end - 1, st, cot)
+            end -= 1
+            continue
+        m = i0 + binomial_split(end - i0, free)
+        for i in range(i0, m):
+            st = advance(i, st)
+        advances += m - i0
+        stack.append((m, st))
+        most = max(most, len(stack))
+    return (*cot, {"recomputed_steps": advances, "checkpoints": slots, "max_checkpoints": most})
+
+
 class _CheckpointRunner:
-    def __init__(self, problem, params, t_in, checkpoints):
-        self.p, self.params, self.t_in, self.checkpoints = problem, params, t_in, checkpoints
+    def __init__(self, adjoint, problem, params, t_in):
+        self.adj, self.p, self.params, self.t_in = adjoint, problem, params, t_in
+        self.checkpoints = adjoint.checkpoints
         self.solution = None
 
     def forward(self):
@@ -115,33 +162,13 @@ class _CheckpointRunner:
         y0 = p.y0.detach()
         st0 = stepper.init_state(y0)
         slots = self.checkpoints if self.checkpoints is not None else default_checkpoints(n)
-        a_y = torch.zeros_like(y0)
-        a_st = None
-        stack = [(0, y0, st0)]
-        end = n
-        while end > 0:
-            i0, y, st = stack[-1]
-            if end - i0 == 1:
-                a_y, a_st = stepper.vjp(i0, y, st, a_y, a_st, ct, grads)
-                end = i0
-                if i0 > 0:
-                    stack.pop()
-                continue
-            free = slots - len(stack)
-            if free <= 0:
-                for i in range(i0, end - 1):
-                    y, st = stepper.advance(i, y, st)
-                a_y, a_st = stepper.vjp(end - 1, y, st, a_y, a_st, ct, grads)
-                end -= 1
-                continue
-            m = i0 + binomial_split(end - i0, free)
-            for i in range(i0, m):
-                y, st = stepper.advance(i, y, st)
-            stack.append((m, y, st))
+        a_y, a_st, sched = reverse_with_checkpoints(
+            n, slots, (y0, st0), lambda i, s: stepper.advance(i, *s),
+            lambda i, s, a: stepper.vjp(i, *s, *a, ct, grads), (torch.zeros_like(y0), None))
         a_y = stepper.vjp_init(y0, a_y, a_st, grads)
         for k in at_start:
             a_y = a_y + ct[k]
-        self.backward_nfe = stepper.nfe
+        self.adj.backward_stats = dict(nfe=stepper.nfe, num_steps=n, **sched)
         y_final = rec.y if rec.y is not None else y0
-        g0, g1 = time_grads(p, self.t_in, y0, y_final, a_y, ct, at_start, at_t1)
+        g0, g1 = time_grads(p, self.t_in, y0, y_final, a_y, ct, at_t1)
         return assemble_grads(self.t_in, self.params, a_y, g0, g1, grads)

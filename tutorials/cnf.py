@@ -20,6 +20,10 @@
 # solved backwards from $z(1) = x$ together with the trace integral. In two dimensions the trace is
 # computed exactly. We fit `nde.models.CNF` to the two-moons density by maximum likelihood and report
 # the log-likelihood on held-out points.
+#
+# **Target:** a test log-likelihood above -1.8 nats, against -2.70 for the best single Gaussian
+# (measured: -1.60 after 500 training steps of about 8 s on one CPU thread; the earlier setting, adaptive
+# Tsit5 at `rtol=1e-4` for 600 steps, reached -1.87 in 26 s).
 
 # %%
 import os
@@ -53,16 +57,19 @@ def moons(n, seed):
 train, test = moons(20000, 0), moons(2000, 1)
 
 # %% [markdown]
-# The vector field is an MLP on $[z, t]$ with two hidden layers of 64 softplus units. The flow is
-# solved with Tsit5 at `rtol=1e-4` and differentiated directly; for larger models or tighter
-# tolerances pass `adjoint=nde.BacksolveAdjoint()` or `nde.CheckpointAdjoint()` to bound memory.
+# The vector field is an MLP on $[z, t]$ with two hidden layers of 64 softplus units. For training,
+# the flow is solved with two fixed RK4 steps (`dt0=0.5`, eight evaluations a solve: a cost known in
+# advance) and differentiated directly; for larger models pass `adjoint=nde.BacksolveAdjoint()` or
+# `nde.CheckpointAdjoint()` to bound memory. The learned field stays smooth, so the coarse solve is
+# accurate; the test log-likelihood is computed with an adaptive Dopri5 solve at `rtol=1e-6` all the same.
 
 # %%
-cnf = CNF(2, width=64, depth=2, rtol=1e-4, atol=1e-6, solver=nde.solvers.Tsit5())
-opt = torch.optim.Adam(cnf.parameters(), lr=5e-3)
-sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=600)
+cnf = CNF(2, width=64, depth=2, solver=nde.solvers.RK4(), dt0=0.5)
+steps = 500
+opt = torch.optim.Adam(cnf.parameters(), lr=1e-2)
+sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
 start = time.perf_counter()
-for step in range(600):
+for step in range(steps):
     batch = train[torch.randint(0, len(train), (256,))]
     loss = -cnf.log_prob(batch).mean()
     opt.zero_grad()
@@ -74,11 +81,14 @@ for step in range(600):
 print(f"training took {time.perf_counter() - start:.0f} s")
 
 # %%
+# the trained vector field, solved accurately
+accurate = CNF(2, vector_field=cnf.vector_field, solver=nde.solvers.Dopri5(), rtol=1e-6, atol=1e-8)
 with torch.no_grad():
-    test_ll = cnf.log_prob(test).mean().item()
+    test_ll = accurate.log_prob(test).mean().item()
     gauss = torch.distributions.MultivariateNormal(train.mean(0), torch.cov(train.T))
     gauss_ll = gauss.log_prob(test).mean().item()
 print(f"test log-likelihood: CNF {test_ll:.3f} nats, best single Gaussian {gauss_ll:.3f} nats")
+assert test_ll > -1.8 and test_ll > gauss_ll + 0.5, (test_ll, gauss_ll)
 
 # %% [markdown]
 # The learned density, and samples pushed forward through the flow:

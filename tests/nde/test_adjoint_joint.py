@@ -63,7 +63,7 @@ def test_backsolve_matches_direct(solver, saveat):
     if solver == "tsit5":
         kw["controller"] = nde.PIDController(rtol=1e-9, atol=1e-11)
     ref, _ = _grads(nde.DirectAdjoint(), cls(), net, y0, SAVEATS[saveat](), **kw)
-    for norm in ("seminorm", "rms"):
+    for norm in ("seminorm", "rms", "mixed"):
         adj = nde.BacksolveAdjoint(norm=norm)
         got, _ = _grads(adj, cls(), net, y0, SAVEATS[saveat](), **kw)
         assert _rel(got, ref) < (1e-7 if solver == "tsit5" else 1e-6)
@@ -83,6 +83,28 @@ def test_seminorm_takes_fewer_steps():
         (sol.ys**2).sum().backward()
         nfes[norm] = adj.backward_stats["nfe"]
     assert nfes["seminorm"] <= 0.9 * nfes["rms"], nfes
+
+
+def test_backsolve_norms_and_first_steps():
+    from nde._backsolve import _mixed, _rms_head
+
+    x = torch.tensor([3.0, 4.0, 0.0, 1.0, 1.0, 1.0, 12.0])
+    assert float(_rms_head(4)(x)) == pytest.approx((26 / 4) ** 0.5)  # y and a only
+    assert float(_mixed([2, 2, 2, 1])(x)) == pytest.approx(12.0)  # torchdiffeq's default: the largest piece
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(),
+                              torch.nn.Linear(64, 16))
+    y0 = torch.randn(32, 16, requires_grad=True)
+    stats = {}
+    for norm in ("seminorm", "rms", "mixed"):
+        adj = nde.BacksolveAdjoint(norm=norm)
+        sol = nde.solve(lambda t, y: net(y), Dopri5(), 0.0, 5.0, y0, adjoint=adj,
+                        controller=nde.PIDController(rtol=1e-6, atol=1e-6), saveat=nde.SaveAt(ts=torch.linspace(0, 5, 11)))
+        (sol.ys**2).sum().backward()
+        stats[norm] = adj.backward_stats
+    # each of the 10 stretches between outputs starts from the forward's step there and takes one step;
+    # starting every stretch from the forward's shortened last step took 20 steps, 130 evaluations
+    assert stats["seminorm"]["num_steps"] == 10 and stats["seminorm"]["nfe"] == 70, stats
 
 
 @pytest.mark.parametrize("adjoint", ["checkpoint", "backsolve"])
@@ -154,33 +176,38 @@ def test_closure_parameters_found_and_errors():
                   adjoint=nde.CheckpointAdjoint())
 
 
-def test_binomial_schedule_recomputation_bound():
-    from nde._checkpoint import binomial_split, default_checkpoints
+@pytest.mark.parametrize("mode", ["joint", "independent"])
+def test_binomial_schedule_recomputation_bound(mode):
+    import math
 
-    # every step advanced at most r times with C(c + r, c) >= n: count advances of the schedule
-    for n, c in ((100, 4), (1000, 12), (57, 2)):
-        advances = 0
-        stack, end = [0], n
-        while end > 0:
-            i0 = stack[-1]
-            if end - i0 == 1:
-                end = i0
-                if i0 > 0:
-                    stack.pop()
-                continue
-            free = c - len(stack)
-            if free <= 0:
-                advances += end - 1 - i0
-                end -= 1
-                continue
-            m = i0 + binomial_split(end - i0, free)
-            advances += m - i0
-            stack.append(m)
+    from nde._checkpoint import default_checkpoints
+
+    # count the vector-field evaluations of the real backward pass: every step is re-taken at most r
+    # times with C(c - 1 + r, r) >= n (the initial state holds one of the c checkpoints)
+    w = torch.randn(2, 2, dtype=torch.float64)
+    y0 = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    count = [0]
+
+    def f(t, y):
+        count[0] += 1
+        return torch.tanh(y @ w)
+
+    for n, c in ((100, 4), (1000, 12), (57, 2), (200, None)):
+        adj = nde.CheckpointAdjoint(checkpoints=c)
+        sol = nde.solve(f, RK4(), 0.0, 1.0, y0, dt0=1.0 / n, adjoint=adj, batch_mode=mode)
+        count[0] = 0
+        sol.ys.sum().backward()
+        st = adj.backward_stats
+        c = c or default_checkpoints(n)
         r = 1
-        import math
         while math.comb(c - 1 + r, r) < n:
             r += 1
-        assert advances <= r * n
+        # RK4: 4 evaluations a step, re-taken once without a graph per recomputation, once for its VJP
+        assert count[0] == st["nfe"] == 4 * (st["recomputed_steps"] + n), (count[0], st)
+        assert st["recomputed_steps"] <= r * n, (n, c, r, st)
+        assert st["checkpoints"] == c and st["max_checkpoints"] <= c
+        if n > c:
+            assert st["recomputed_steps"] >= n - 1  # with fewer checkpoints than steps, states are rebuilt
     assert default_checkpoints(1000) == 45
 
 
@@ -233,3 +260,67 @@ def test_augmented_field_is_right_under_torch_func():
     J, fz = _newton.jacobian(lambda x: f(t, x), z, "full")
     torch.testing.assert_close(fz, f(t, z), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(J, torch.autograd.functional.jacobian(lambda x: f(t, x), z), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["joint", "independent"])
+def test_time_gradient_with_an_output_saved_at_t0(mode):
+    # y(ts) at a fixed ts = t0 depends on t0 (dy/dt0 = -f there); only SaveAt(t0=True) is y0 whatever t0 is.
+    # Before: Checkpoint, Backsolve and Reversible treated it as y0 (-11.80 instead of -16.11).
+    from nde.solvers import Reversible
+
+    net = _net()
+    y0 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    ctrl = nde.PIDController(rtol=1e-10, atol=1e-12)
+
+    def f(t, y):
+        return net(y) * (1 + 0.1 * t)
+
+    def loss(t0, adj=None, solver=None, saveat=None):
+        sol = nde.solve(f, solver or Tsit5(), t0, 1.0, y0, saveat=saveat, adjoint=adj or nde.DirectAdjoint(),
+                        batch_mode=mode, controller=ctrl)
+        return (sol.ys**2).sum()
+
+    for saveat in (nde.SaveAt(ts=[0.1, 0.5, 1.0]), nde.SaveAt(t0=True, ts=[0.1, 0.5], t1=True)):
+        res = []
+        for adj, solver in ((nde.DirectAdjoint(), None), (nde.CheckpointAdjoint(), None), (nde.BacksolveAdjoint(), None),
+                            (nde.ReversibleAdjoint(), Reversible(Tsit5()))):
+            t0 = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+            res.append(float(torch.autograd.grad(loss(t0, adj, solver, saveat), t0)[0]))
+        with torch.no_grad():  # one-sided: t0 - eps keeps ts inside [t0, t1]
+            fd = (loss(0.1, saveat=saveat) - loss(0.1 - 1e-6, saveat=saveat)) / 1e-6
+        for r in res:
+            assert abs(r - float(fd)) < 1e-4 * abs(float(fd)), (res, float(fd))
+
+
+def test_backsolve_options_for_odes():
+    net = _net()
+    y0 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    tight = dict(controller=nde.PIDController(rtol=1e-11, atol=1e-13))
+    ref, _ = _grads(nde.DirectAdjoint(), Tsit5(), net, y0, nde.SaveAt(t1=True), **tight)
+    errs, nfes = {}, {}
+    for name, adj in (("forward tolerances", nde.BacksolveAdjoint()),
+                      ("loose", nde.BacksolveAdjoint(rtol=1e-4, atol=1e-6)),
+                      ("heun", nde.BacksolveAdjoint(solver=Heun(), rtol=1e-6, atol=1e-8))):
+        got, _ = _grads(adj, Tsit5(), net, y0, nde.SaveAt(t1=True), **tight)
+        errs[name], nfes[name] = _rel(got, ref), adj.backward_stats["nfe"]
+    assert errs["forward tolerances"] < 1e-9
+    assert 1e-9 < errs["loose"] < 1e-3 and nfes["loose"] < nfes["forward tolerances"] / 2, (errs, nfes)
+    assert errs["heun"] < 1e-5 and nfes["heun"] > nfes["loose"], (errs, nfes)  # a second-order backward solve
+    # after fixed steps: without tolerances the backward solve takes the forward's steps; with them and an
+    # adaptive backward solver it adapts
+    fixed = dict(dt0=0.05)
+    ref, _ = _grads(nde.DirectAdjoint(), RK4(), net, y0, nde.SaveAt(t1=True), **fixed)
+    adj = nde.BacksolveAdjoint()
+    got, _ = _grads(adj, RK4(), net, y0, nde.SaveAt(t1=True), **fixed)
+    assert _rel(got, ref) < 1e-5 and adj.backward_stats["num_steps"] == 26
+    adj = nde.BacksolveAdjoint(solver=Tsit5(), rtol=1e-10, atol=1e-12)
+    got, _ = _grads(adj, RK4(), net, y0, nde.SaveAt(t1=True), **fixed)
+    exact, _ = _grads(nde.DirectAdjoint(), Tsit5(), net, y0, nde.SaveAt(t1=True), **tight)
+    assert _rel(got, exact) < 1e-8 and adj.backward_stats["num_steps"] != 26
+    adj = nde.BacksolveAdjoint(rtol=1e-6)  # RK4 has no error estimate: its backward solve keeps fixed steps
+    _grads(adj, RK4(), net, y0, nde.SaveAt(t1=True), **fixed)
+    assert adj.backward_stats["num_steps"] == 26
+    with pytest.raises(ValueError, match="rtol"):
+        nde.BacksolveAdjoint(rtol=-1.0)
+    with pytest.raises(TypeError, match="solver"):
+        nde.BacksolveAdjoint(solver=Tsit5)

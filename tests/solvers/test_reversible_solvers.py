@@ -27,22 +27,29 @@ CASES = {
     "reversible_euler": (lambda: Reversible(Euler()), 1),
     "reversible_rk4": (lambda: Reversible(RK4()), 4),
     "reversible_tsit5": (lambda: Reversible(Tsit5()), 5),
+    "reversible_dopri5": (lambda: Reversible(Dopri5()), 5),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_order(name):
+    # Reversible(solver) has the base solver's order. The error is measured over the whole trajectory:
+    # at a single time one component of the rotating error vector can pass through zero, and the slopes
+    # there jump (5.3 to 6.6 for Reversible(Tsit5()) at t = 3 or 6). Measured fits: Euler 1.05, RK4 3.98,
+    # Tsit5 5.20 (Tsit5 alone: 5.12; its tiny leading error coefficient, 0.7x smaller again in the
+    # reversible scheme, lets the next order show, and the slopes fall towards 5: 5.32, 5.23, 5.05),
+    # Dopri5 5.11; the same with coupling=1, so the coupling is not the cause.
     make, order = CASES[name]
     dts = [0.1, 0.05, 0.025, 0.0125]
+    ts = torch.linspace(0.0, 2.0, 11, dtype=torch.float64)
+    exact = torch.stack([_exact(float(t)) for t in ts])
     errs = []
     for dt in dts:
-        sol = nde.solve(_field, make(), 0.0, 2.0, Y0, dt0=dt)
-        errs.append(float((sol.ys[-1] - _exact(2.0)).abs().max()))
+        sol = nde.solve(_field, make(), 0.0, 2.0, Y0, dt0=dt, saveat=nde.SaveAt(ts=ts))
+        errs.append(float((sol.ys - exact).abs().max()))
     slopes = [math.log(errs[i] / errs[i + 1]) / math.log(2) for i in range(len(dts) - 1)]
     fit = sum(slopes) / len(slopes)
-    # Tsit5 itself converges pre-asymptotically faster than order 5 on smooth problems (slope ~5.4)
-    hi = 0.7 if name == "reversible_tsit5" else 0.3
-    assert order - 0.3 < fit < order + hi, (errs, slopes)
+    assert order - 0.3 < fit < order + 0.3, (errs, slopes)
 
 
 @pytest.mark.parametrize("name", list(CASES))
