@@ -23,6 +23,7 @@ its own end.
 
 from __future__ import annotations
 
+import abc
 import bisect
 
 import torch
@@ -32,7 +33,7 @@ from ._path import AbstractPath
 __all__ = [
     "linear_interpolation_coeffs", "rectilinear_interpolation_coeffs", "natural_cubic_coeffs",
     "natural_cubic_spline_coeffs", "hermite_cubic_coefficients_with_backward_differences", "LinearInterpolation",
-    "CubicSpline", "last_observation_times",
+    "CubicSpline", "last_observation_times", "InterpolationBase", "TupleControl",
 ]
 
 
@@ -410,7 +411,95 @@ def last_observation_times(x: torch.Tensor, t: torch.Tensor | None = None):
 
 # ----------------------------------------------------------------------------------------------
 # paths
-class _Interpolation(torch.nn.Module, AbstractPath):
+class InterpolationBase(torch.nn.Module, metaclass=abc.ABCMeta):
+    """Base class of control paths in torchcde's convention: ``grid_points``, ``interval``, ``evaluate(t)``
+    and ``derivative(t)``.
+
+    Subclass it (as ``torchcde.InterpolationBase``) to drive :func:`~nde.cdeint` with a path of your
+    own; its ``grid_points`` are then the times where adaptive steps land. nde's
+    :class:`LinearInterpolation` and :class:`CubicSpline` are instances of it.
+    """
+
+    @property
+    @abc.abstractmethod
+    def grid_points(self):
+        """The knots of the path."""
+
+    @property
+    @abc.abstractmethod
+    def interval(self):
+        """``[t_first, t_last]``."""
+
+    @abc.abstractmethod
+    def evaluate(self, t):
+        """``X(t)``, ``(..., channels)``."""
+
+    @abc.abstractmethod
+    def derivative(self, t):
+        """``dX/dt`` at ``t``, ``(..., channels)``."""
+
+
+class TupleControl(torch.nn.Module):
+    """Several controls over the same interval, driving a CDE whose state is a tuple of tensors.
+
+    ``evaluate(t)`` and ``derivative(t)`` return tuples (one entry a control). Use it with a tuple
+    ``z0`` and a vector field returning a tuple of ``(..., hidden_i, channels_i)`` matrices.
+
+    Parameters
+    ----------
+    *controls:
+        Paths with ``interval`` and ``grid_points`` (e.g. :class:`CubicSpline`).
+    """
+
+    def __init__(self, *controls):
+        super().__init__()
+        if len(controls) == 0:
+            raise ValueError("TupleControl needs one or more controls to batch together.")
+        interval = torch.as_tensor(controls[0].interval)
+        grid = controls[0].grid_points
+        same = True
+        for c in controls[1:]:
+            other = torch.as_tensor(c.interval)
+            if other.shape != interval.shape or bool((other != interval).any()):
+                raise ValueError(
+                    "TupleControl can only batch together controls over the same interval; got "
+                    f"{interval.tolist()} and {other.tolist()}."
+                )
+            g = c.grid_points
+            if same and (g.shape != grid.shape or bool((g != grid).any())):
+                same = False
+        self._interval = interval
+        self._grid_points = grid if same else None
+        self.controls = torch.nn.ModuleList(controls)
+
+    @property
+    def interval(self):
+        return self._interval
+
+    @property
+    def grid_points(self):
+        if self._grid_points is None:
+            raise ValueError("The controls of this TupleControl have different grid points.")
+        return self._grid_points
+
+    @property
+    def jump_ts(self):
+        """The knots of every control (where steps land)."""
+        ts = []
+        for c in self.controls:
+            j = c.jump_ts if isinstance(c, AbstractPath) else getattr(c, "grid_points", None)
+            if j is not None:
+                ts.append(torch.as_tensor(j, dtype=torch.float64).detach().reshape(-1))
+        return torch.unique(torch.cat(ts)) if ts else None
+
+    def evaluate(self, t):
+        return tuple(c.evaluate(t) for c in self.controls)
+
+    def derivative(self, t):
+        return tuple(c.derivative(t) for c in self.controls)
+
+
+class _Interpolation(InterpolationBase, AbstractPath):
     """Shared machinery: locating times on the knots (joint, multi-time and per-sample queries)."""
 
     def _init_knots(self, t, like, n_pieces, per_sample_ok=True):
@@ -590,15 +679,24 @@ class LinearInterpolation(_Interpolation):
             raise ValueError("coeffs contain NaN: pass the data through nde.linear_interpolation_coeffs first.")
         self._init_knots(t, coeffs, coeffs.shape[-2] - 1)
         dt = (self._t[..., 1:] - self._t[..., :-1]).unsqueeze(-1)
-        self.register_buffer("_coeffs", coeffs)
+        # The path keeps the start of every piece and its slope, and never the coefficients themselves:
+        # an adjoint that differentiates with respect to the path's tensors then stops at these two,
+        # instead of backpropagating through the slopes' graph (built once, here) on every evaluation.
+        self.register_buffer("_left", coeffs[..., :-1, :])
         self.register_buffer("_derivs", (coeffs[..., 1:, :] - coeffs[..., :-1, :]) / dt)
+        self.register_buffer("_last", coeffs[..., -1:, :])
+
+    @property
+    def _coeffs(self):
+        """The knot values ``(..., length, channels)`` (rebuilt from the pieces)."""
+        return torch.cat([self._left, self._last], dim=-2)
 
     def _batch_shape(self):
-        return tuple(self._coeffs.shape[:-2])
+        return tuple(self._left.shape[:-2])
 
     def _value(self, t, left=True):
         mode, i, frac = self._locate(t, left)
-        return self._take(self._coeffs[..., :-1, :], mode, i) + self._frac(mode, frac) * self._take(self._derivs, mode, i)
+        return self._take(self._left, mode, i) + self._frac(mode, frac) * self._take(self._derivs, mode, i)
 
     def derivative(self, t, left: bool = True) -> torch.Tensor:
         """``dX/dt`` at ``t`` (left-continuous at the knots unless ``left=False``); time conventions as

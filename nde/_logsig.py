@@ -21,9 +21,9 @@ import torch
 
 from ._interpolation import LinearInterpolation, _validate, linear_interpolation_coeffs
 from ._path import AbstractPath
-from ._terms import AbstractTerm, as_vector_field
+from ._terms import ODEForm, as_vector_field
 
-__all__ = ["logsignature", "logsignature_channels", "logsig_windows", "LogODETerm"]
+__all__ = ["logsignature", "logsignature_channels", "logsig_windows", "logsignature_windows", "LogODETerm"]
 
 
 def logsignature_channels(channels: int, depth: int) -> int:
@@ -174,24 +174,45 @@ def logsig_windows(x: torch.Tensor, depth: int, window_length: float, t: torch.T
     """
     _check_depth(depth, any_depth=True)
     r, grid, pts, bidx = _windows(x, t, window_length)
-    if depth > 2:
-        b = bidx.tolist()
-        ls = torch.stack([logsignature(pts[..., b[k]:b[k + 1] + 1, :], depth) for k in range(len(b) - 1)], dim=-2)
-        first = torch.zeros_like(ls[..., :1, :])
-        first[..., 0, : x.shape[-1]] = pts[..., 0, :]
-        return torch.cat([first, ls], dim=-2).cumsum(-2)
-    inc, area = _window_logsig(pts, bidx, depth)
-    if depth == 2:
-        i, j = _triu(x.shape[-1], x.device)
-        ls = torch.cat([inc, area[..., i, j]], dim=-1)
-    else:
-        ls = inc
+    ls = _window_logsigs(pts, bidx, depth, x.shape[-1])
     first = torch.zeros_like(ls[..., :1, :])
     first[..., 0, : x.shape[-1]] = pts[..., 0, :]
     return torch.cat([first, ls], dim=-2).cumsum(-2)
 
 
-class LogODETerm(AbstractTerm):
+def _window_logsigs(pts, bidx, depth, channels):
+    """The log-signature of every window, ``(..., n_windows, logsignature_channels(channels, depth))``."""
+    if depth > 2:
+        b = bidx.tolist()
+        return torch.stack([logsignature(pts[..., b[k]:b[k + 1] + 1, :], depth) for k in range(len(b) - 1)], dim=-2)
+    inc, area = _window_logsig(pts, bidx, depth)
+    if depth == 1:
+        return inc
+    i, j = _triu(channels, pts.device)
+    return torch.cat([inc, area[..., i, j]], dim=-1)
+
+
+def logsignature_windows(x: torch.Tensor, depth: int, window_length: float, t: torch.Tensor | None = None):
+    """torchcde's earlier form of :func:`logsig_windows`: every window's log-signature scaled by the window's length.
+
+    Kept so that scripts written for it keep working; prefer :func:`logsig_windows`, whose path is
+    meant to be interpolated at times ``0, 1, ..., n`` (one unit a window).
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        The values ``(..., n_windows + 1, logsignature_channels(channels, depth))`` and their times
+        ``(n_windows + 1,)`` (the window boundaries).
+    """
+    _check_depth(depth, any_depth=True)
+    r, grid, pts, bidx = _windows(x, t, window_length)
+    ls = _window_logsigs(pts, bidx, depth, x.shape[-1]) * (r[1:] - r[:-1]).unsqueeze(-1).to(pts.dtype)
+    first = torch.zeros_like(ls[..., :1, :])
+    first[..., 0, : x.shape[-1]] = pts[..., 0, :]
+    return torch.cat([first, ls], dim=-2).cumsum(-2), r
+
+
+class LogODETerm(ODEForm):
     """The log-ODE approximation of the CDE ``dz = f(t, z) dX`` for data ``x`` observed at times ``t``.
 
     On window ``k`` (``[r_k, r_{k+1}]``, ``H_k`` long) the term is the ODE
@@ -202,8 +223,8 @@ class LogODETerm(AbstractTerm):
     evaluation.
 
     Use an ODE solver without FSAL for fixed steps; one RK4 step per window (``dt0=window_length``) is
-    typical. A query exactly on a window boundary is given the window of the step being taken, inferred
-    from the order of the queries (a step's stages run from its start to its end).
+    typical. Every stage of a step sees the window the step lies in (stages at the step's ends are
+    evaluated from inside it), forwards and backwards in time.
 
     Parameters
     ----------
@@ -245,12 +266,6 @@ class LogODETerm(AbstractTerm):
         self.increments = inc  # (..., n, C)
         self.areas = area  # (..., n, C, C) or None
         self.control = _WindowPath(self)
-        self._prev = (None, True)  # last queried time and whether time was moving forwards
-        self._prev_sample = None
-
-    @property
-    def is_ode(self) -> bool:
-        return True
 
     @property
     def jump_ts(self):
@@ -261,12 +276,12 @@ class LogODETerm(AbstractTerm):
         return len(self._knots) - 1
 
     def _locate(self, t):
-        """Window index and rate ``phi'(theta)/H`` for time ``t`` (scalar or per sample).
+        """Window index and rate ``phi'(theta)/H`` for time ``t`` (scalar or one time a sample).
 
-        A time exactly on a window boundary belongs to the window the current step lies in. The term
-        infers it from the order of its queries: a solver's stages arrive from the start of the step
-        towards its end, so a boundary reached moving forwards (or backwards) closes the window behind it,
-        and a boundary queried twice in a row opens the window ahead.
+        Stateless: a time lies in the window containing it, and a time exactly on a boundary in the
+        window on its left. Solvers evaluate the stages at a step's ends from inside the step (and
+        fixed steps are moved onto the boundaries when they are within rounding of them), so every
+        stage of a step sees the window the step lies in, in either time direction.
         """
         r = self.boundaries
         nmax = len(self._knots) - 2
@@ -276,50 +291,20 @@ class LogODETerm(AbstractTerm):
             while tb.dim() > len(bshape) and tb.shape[-1] == 1:
                 tb = tb.squeeze(-1)
             tb = tb.detach().to(r.dtype).expand(bshape)
-            near = torch.bucketize(tb, r).clamp(1, nmax + 1)
-            for c in (near - 1, near):
-                rc = r[c]
-                tb = torch.where((tb - rc).abs() <= 1e-9 * (self._knots[-1] - self._knots[0]), rc, tb)
-            lo = (torch.bucketize(tb, r) - 1).clamp(0, nmax)  # left window at a boundary
-            on = (r[(lo + 1).clamp(max=nmax + 1)] == tb) & (lo + 1 <= nmax)
-            prev, fwd = self._prev_sample if self._prev_sample is not None else (None, None)
-            if prev is None or prev.shape != tb.shape:
-                prev, fwd = tb.clone(), torch.ones_like(tb, dtype=torch.bool)
-            moved_fwd = torch.where(tb == prev, fwd, tb > prev)
-            take_right = on & moved_fwd & (tb == prev)
-            take_right = take_right | (on & (tb < prev))
-            k = torch.where(take_right, lo + 1, lo)
-            self._prev_sample = (tb.clone(), moved_fwd)
+            k = (torch.bucketize(tb, r) - 1).clamp(0, nmax)
             h = self._width[k]
+            if not self.smooth:
+                return "sample", k, 1 / h
             theta = ((tb - r[k]) / h).clamp(0, 1)
-            rate = 6 * theta * (1 - theta) / h if self.smooth else 1 / h
-            return "sample", k, rate
+            return "sample", k, 6 * theta * (1 - theta) / h
         tf = float(t)
         knots = self._knots
-        j = bisect.bisect_left(knots, tf)
-        # snap times within rounding of a boundary onto it (step grids and data grids round differently)
-        for c in (j - 1, j):
-            if 0 <= c <= nmax + 1 and abs(tf - knots[c]) <= 1e-9 * (knots[-1] - knots[0]):
-                tf = knots[c]
         k = min(max(bisect.bisect_left(knots, tf) - 1, 0), nmax)
-        if k + 1 <= nmax and knots[k + 1] == tf:  # on the boundary between windows k and k + 1
-            prev, fwd = self._prev
-            if prev is None:
-                right = True
-            elif tf == prev:
-                right = fwd
-            else:
-                right = tf < prev
-            if right:
-                k += 1
-        if self._prev[0] is not None and tf != self._prev[0]:
-            self._prev = (tf, tf > self._prev[0])
-        else:
-            self._prev = (tf, self._prev[1])
         h = knots[k + 1] - knots[k]
+        if not self.smooth:
+            return "scalar", k, 1 / h
         theta = min(max((tf - knots[k]) / h, 0.0), 1.0)
-        rate = 6 * theta * (1 - theta) / h if self.smooth else 1 / h
-        return "scalar", k, rate
+        return "scalar", k, 6 * theta * (1 - theta) / h
 
     def _window(self, mode, k, z):
         if mode == "scalar":
@@ -347,15 +332,6 @@ class LogODETerm(AbstractTerm):
         if mode == "scalar":
             return out * rate
         return out * rate.to(out.dtype).unsqueeze(-1)
-
-    def vf(self, t, y, args):
-        return self.ode(t, y, args)
-
-    def contr(self, t0, t1):
-        return t1 - t0
-
-    def prod(self, vf, control):
-        return vf * control
 
     def __repr__(self):
         return f"LogODETerm(depth={self.depth}, windows={self.num_windows})"
