@@ -396,8 +396,8 @@ def cdeint(X, func, z0, t, adjoint=True, backend="torchdiffeq", **kwargs):
     """
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}; got {backend!r}.")
-    if not callable(func):
-        raise TypeError(f"func must be callable as func(t, z); got {type(func).__name__}.")
+    if not callable(func) and not hasattr(func, "prod"):
+        raise TypeError(f"func must be callable as func(t, z) or have a method prod(t, z, dXdt); got {type(func).__name__}.")
     batch_mode = _pop(kwargs, "batch_mode", "joint")
     flat, y = _check_state(z0)
     if not isinstance(t, torch.Tensor):

@@ -75,6 +75,10 @@ def _validate(x, t, name="x"):
     return t.to(x.dtype)
 
 
+class _MissingTimeError(ValueError, AssertionError):
+    """Time missing in the time channel of a rectilinear interpolation (an AssertionError too, as torchcde raises)."""
+
+
 def _channels_first(x, t):
     """``x`` as ``(..., channels, length)`` and ``t`` broadcast to it."""
     xc = x.transpose(-1, -2)
@@ -189,7 +193,7 @@ def rectilinear_interpolation_coeffs(x: torch.Tensor, time_index: int):
         raise ValueError(f"rectilinear / time_index must be an integer channel index in [0, {channels}); got {time_index!r}.")
     time_index %= channels
     if bool(torch.isnan(x[..., time_index]).any()):
-        raise ValueError(
+        raise _MissingTimeError(
             "The time channel of x contains NaN; time may not be missing (forward-fill the times of padded "
             "series, e.g. repeat the last time)."
         )
@@ -565,8 +569,9 @@ class _Interpolation(InterpolationBase, AbstractPath):
         """Return ``(mode, index, frac)``.
 
         ``mode`` is ``"scalar"`` (one time, ``index`` an int or 0-d tensor, ``frac`` a 0-d tensor / float),
-        ``"multi"`` (a 1-D tensor of times, torchcde style: outputs gain a time dimension before the
-        channels) or ``"sample"`` (one time a series: ``index`` and ``frac`` of the batch shape).
+        ``"multi"`` (a tensor of times of any shape, torchcde style: outputs gain its dimensions before the
+        channels) or ``"sample"`` (one time a series, shape ``batch_shape + (1, ...)``: ``index`` and
+        ``frac`` of the batch shape).
         """
         bshape = self._batch_shape()
         nmax = self._t.shape[-1] - 2
@@ -590,25 +595,19 @@ class _Interpolation(InterpolationBase, AbstractPath):
                 return "scalar", i, tf - self._knots[i]
             tb = t.expand(bshape)
         else:
-            per_sample = t.dim() >= 2 and t.shape[-1] == 1
+            # one time a series: the batch shape of the path followed by ones (what independent batch mode passes)
+            lead = t.shape[:len(bshape)]
+            per_sample = (len(bshape) >= 1 and t.dim() > len(bshape) and tuple(lead) == bshape
+                          and all(n == 1 for n in t.shape[len(bshape):]))
             if per_sample:
-                tb = t
-                while tb.dim() > len(bshape) and tb.shape[-1] == 1:
-                    tb = tb.squeeze(-1)
-                try:
-                    tb = tb.expand(bshape)
-                except RuntimeError:
-                    raise ValueError(
-                        f"A per-sample time of shape {tuple(t.shape)} does not match the path's batch shape {bshape}."
-                    ) from None
+                tb = t.reshape(bshape)
             else:
-                if t.dim() != 1:
-                    raise ValueError(
-                        "t must be a scalar, a 1-D tensor of times, or one time a series of shape "
-                        f"batch_shape + (1, ...); got shape {tuple(t.shape)}."
-                    )
+                # torchcde's convention: a tensor of times of any shape, outputs (..., *t.shape, channels)
                 if not self._shared:
-                    raise ValueError("Paths with per-series knots take a scalar time or one time a series.")
+                    raise ValueError(
+                        "Paths with per-series knots take a scalar time or one time a series (shape batch_shape + "
+                        f"(1, ...) = {bshape + (1,)}); got shape {tuple(t.shape)}."
+                    )
                 i = (torch.bucketize(t.detach().to(self._t.dtype), self._t, right=not left) - 1).clamp(0, nmax)
                 return "multi", i, t.to(self._t.dtype) - self._t[i]
         tb = tb.to(self._t.dtype)
@@ -636,10 +635,10 @@ class _Interpolation(InterpolationBase, AbstractPath):
     def evaluate(self, t0, t1=None, left: bool = True) -> torch.Tensor:
         """``X(t0)``, or the increment ``X(t1) - X(t0)`` when ``t1`` is given.
 
-        ``t0`` is a number or 0-d tensor (returns ``(..., channels)``), a 1-D tensor of ``n`` times
-        (returns ``(..., n, channels)``), or one time a series of shape ``batch_shape + (1, ...)``
-        (returns ``(..., channels)``, each series at its own time). Outside the knots the end pieces are
-        extended.
+        ``t0`` is a number or 0-d tensor (returns ``(..., channels)``), a tensor of times of shape ``S``
+        (returns ``(..., *S, channels)``, as torchcde), or one time a series of shape
+        ``batch_shape + (1, ...)`` (returns ``(..., channels)``, each series at its own time). Outside the
+        knots the end pieces are extended.
         """
         if t1 is not None:
             return self._value(t1, left) - self._value(t0, left)

@@ -258,6 +258,33 @@ def test_errors_name_the_argument():
         x2 = x.clone()
         x2[0, 1, 0] = float("nan")
         rectilinear_interpolation_coeffs(x2, 0)
-    path = CubicSpline(natural_cubic_coeffs(x))
-    with pytest.raises(ValueError, match="batch shape"):
+    knots = torch.linspace(0, 1, x.shape[-2]).expand(x.shape[:-1])  # one grid a series
+    path = CubicSpline(natural_cubic_coeffs(x, knots), knots)
+    with pytest.raises(ValueError, match=r"per-series knots.*= \(2, 1\)\); got shape \(3, 1\)"):
         path.evaluate(torch.zeros(3, 1))
+
+
+def test_times_of_any_shape_as_in_torchcde():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 7, 3, dtype=torch.float64, generator=g)
+    t = torch.linspace(0, 3, 7, dtype=torch.float64)
+    for path, ref in ((LinearInterpolation(linear_interpolation_coeffs(x, t), t),
+                       torchcde.LinearInterpolation(torchcde.linear_interpolation_coeffs(x, t), t)),
+                      (CubicSpline(natural_cubic_coeffs(x, t), t),
+                       torchcde.CubicSpline(torchcde.natural_cubic_coeffs(x, t), t))):
+        for shape in ((), (4,), (3, 1), (2, 3), (1, 2, 2)):
+            s = torch.rand(shape, dtype=torch.float64, generator=g) * 4 - 0.5
+            assert path.evaluate(s).shape == (2, *shape, 3)
+            torch.testing.assert_close(path.evaluate(s), ref.evaluate(s))
+            torch.testing.assert_close(path.derivative(s), ref.derivative(s))
+        # one time a series (independent batch mode): batch shape followed by ones
+        s = torch.tensor([[0.5], [2.0]], dtype=torch.float64)
+        torch.testing.assert_close(path.evaluate(s), torch.stack([ref.evaluate(s[0, 0])[0], ref.evaluate(s[1, 0])[1]]))
+
+
+def test_missing_time_in_a_rectilinear_path_raises_as_torchcde_does():
+    x = torch.rand(2, 4, 2)
+    x[0, 1, 0] = float("nan")
+    for error in (ValueError, AssertionError):
+        with pytest.raises(error, match="time channel"):
+            linear_interpolation_coeffs(x, rectilinear=0)
