@@ -30,7 +30,7 @@ from ._odeint import (
 )
 from ._path import AbstractPath
 from ._saveat import SaveAt
-from ._terms import ControlTerm, ODEForm, ODETerm, control_derivative
+from ._terms import ControlTerm, ODEForm, ODETerm, control_derivative, matrix_vector
 
 _BACKENDS = ("torchdiffeq", "torchsde", "nde")
 
@@ -173,7 +173,7 @@ class _CDETerm(ControlTerm):
         if not self._checked:
             _check_compatibility(dxdt, vf, y, False)
             self._checked = True
-        return torch.matmul(vf, dxdt.unsqueeze(-1)).squeeze(-1)
+        return matrix_vector(vf, dxdt)
 
     def __call__(self, t, y):
         return self.ode(t, y, None)
@@ -200,7 +200,7 @@ class _TupleCDETerm(ODEForm):
             _check_compatibility(dxdt, out, zs, self._has_prod)
             self._checked = True
         if not self._has_prod:
-            out = tuple(torch.matmul(v, d.unsqueeze(-1)).squeeze(-1) for v, d in zip(out, dxdt))
+            out = tuple(matrix_vector(v, d) for v, d in zip(out, dxdt))
         return self.flat.flatten(out)
 
     def __call__(self, t, y):

@@ -573,7 +573,6 @@ class _Interpolation(InterpolationBase, AbstractPath):
         channels) or ``"sample"`` (one time a series, shape ``batch_shape + (1, ...)``: ``index`` and
         ``frac`` of the batch shape).
         """
-        bshape = self._batch_shape()
         nmax = self._t.shape[-1] - 2
         if not isinstance(t, torch.Tensor):
             if isinstance(t, bool) or not isinstance(t, (int, float)):
@@ -593,8 +592,10 @@ class _Interpolation(InterpolationBase, AbstractPath):
                 i = (bisect.bisect_left if left else bisect.bisect_right)(self._knots, tf) - 1
                 i = min(max(i, 0), nmax)
                 return "scalar", i, tf - self._knots[i]
+            bshape = self._batch_shape()
             tb = t.expand(bshape)
         else:
+            bshape = self._batch_shape()
             # one time a series: the batch shape of the path followed by ones (what independent batch mode passes)
             lead = t.shape[:len(bshape)]
             per_sample = (len(bshape) >= 1 and t.dim() > len(bshape) and tuple(lead) == bshape
@@ -616,6 +617,21 @@ class _Interpolation(InterpolationBase, AbstractPath):
             return "sample", i, tb - self._t[i]
         i = (torch.searchsorted(self._t, tb.detach().unsqueeze(-1), right=not left) - 1).clamp(0, nmax)
         return "sample", i.squeeze(-1), tb - self._t.gather(-1, i).squeeze(-1)
+
+    def _scalar(self, t, left):
+        """``(piece, offset)`` as Python numbers for one time without gradient on the CPU (the solver's
+        stages in joint mode), else None."""
+        if isinstance(t, torch.Tensor):
+            if t.dim() != 0 or t.requires_grad or t.device.type != "cpu":
+                return None
+        elif isinstance(t, bool) or not isinstance(t, (int, float)):
+            return None
+        if not self._shared:
+            return None
+        tf = float(t)
+        knots = self._knots
+        i = min(max((bisect.bisect_left if left else bisect.bisect_right)(knots, tf) - 1, 0), len(knots) - 2)
+        return i, tf - knots[i]
 
     @staticmethod
     def _take(coef, mode, i):
@@ -700,6 +716,9 @@ class LinearInterpolation(_Interpolation):
     def derivative(self, t, left: bool = True) -> torch.Tensor:
         """``dX/dt`` at ``t`` (left-continuous at the knots unless ``left=False``); time conventions as
         :meth:`evaluate`."""
+        fast = self._scalar(t, left)
+        if fast is not None:
+            return self._derivs[..., fast[0], :]
         mode, i, _ = self._locate(t, left)
         return self._take(self._derivs, mode, i)
 
@@ -744,6 +763,9 @@ class CubicSpline(_Interpolation):
         self.register_buffer("_b", coeffs[..., c:2 * c])
         self.register_buffer("_two_c", coeffs[..., 2 * c:3 * c])
         self.register_buffer("_three_d", coeffs[..., 3 * c:])
+        # the derivative's coefficients piece by piece, each piece contiguous: one time costs two fused operations
+        self.register_buffer("_dpoly", torch.stack([self._b, self._two_c, self._three_d]).movedim(-2, 0).contiguous(),
+                             persistent=False)
         self.smooth = bool(smooth)
 
     def _batch_shape(self):
@@ -762,9 +784,12 @@ class CubicSpline(_Interpolation):
 
     def derivative(self, t, left: bool = True) -> torch.Tensor:
         """``dX/dt`` at ``t``; time conventions as :meth:`evaluate`."""
+        fast = self._scalar(t, left)
+        if fast is not None:  # one time, no gradient through it
+            i, s = fast
+            p = self._dpoly[i]
+            return torch.add(p[0], p[1], alpha=s).add_(p[2], alpha=s * s)
         mode, i, s = self._locate(t, left)
-        if isinstance(s, float):  # one time, no gradient through it: two fused operations
-            return torch.add(self._b[..., i, :], self._two_c[..., i, :], alpha=s).add_(self._three_d[..., i, :], alpha=s * s)
         s = self._frac(mode, s)
         take = self._take
         return take(self._b, mode, i) + (take(self._two_c, mode, i) + take(self._three_d, mode, i) * s) * s

@@ -186,7 +186,7 @@ class ControlTerm(AbstractTerm):
             return vf * control
         if self.noise == "scalar":
             return vf[..., 0] * control
-        return (vf @ control.unsqueeze(-1)).squeeze(-1)
+        return matrix_vector(vf, control)
 
     def vf_prod(self, t, y, args, control):
         if self._vf_prod is not None:
@@ -221,6 +221,19 @@ def control_derivative(control, t, name=None):
 
 def _path_is_differentiable(path) -> bool:
     return type(path).derivative is not AbstractPath.derivative
+
+
+def matrix_vector(g, x):
+    """``(g @ x[..., None])[..., 0]`` for a batch of small matrices ``g (..., d, m)``, vectors ``x (..., m)``.
+
+    Without a graph to record: one batched matrix product (the fastest forward pass). When gradients
+    are recorded: a broadcast product and a sum, whose backward pass is two broadcast operations instead
+    of two batches of small matrix products (on the CPU about 5% of a whole CDE training step for
+    ``(32 x 4)`` matrices).
+    """
+    if torch.is_grad_enabled() and (g.requires_grad or x.requires_grad):
+        return (g * x.unsqueeze(-2)).sum(-1)
+    return torch.matmul(g, x.unsqueeze(-1)).squeeze(-1)
 
 
 class MultiTerm(AbstractTerm):

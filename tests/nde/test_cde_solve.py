@@ -347,3 +347,17 @@ def test_implicit_solvers_converge_on_a_cde(name, order):
             for n in (40, 80)]
     emp = _order(errs)
     assert order - 0.3 < emp < order + 1.0, (errs, emp)
+
+
+def test_the_control_product_is_the_matrix_product_to_second_order():
+    from nde._terms import matrix_vector
+
+    g = torch.randn(3, 4, 2, dtype=D, requires_grad=True)
+    x = torch.randn(3, 2, dtype=D, requires_grad=True)
+    torch.testing.assert_close(matrix_vector(g, x), (g @ x.unsqueeze(-1)).squeeze(-1))
+    assert torch.autograd.gradcheck(matrix_vector, (g, x))
+    assert torch.autograd.gradgradcheck(matrix_vector, (g, x))
+    with torch.no_grad():
+        torch.testing.assert_close(matrix_vector(g, x), (g @ x.unsqueeze(-1)).squeeze(-1))
+    # a path shared by the batch: the vector broadcasts against the matrices
+    torch.testing.assert_close(matrix_vector(g, x[0]), (g @ x[0].unsqueeze(-1)).squeeze(-1))
