@@ -122,7 +122,7 @@ class ConstantStepSize(AbstractController):
     def _jumps(self, terms, y0, device=None):
         jumps = _term_jumps(terms, device, y0.dtype)
         if jumps is not None:
-            jumps.clip = self.land_on_jumps
+            jumps.clip = getattr(self, "land_on_jumps", True)  # subclasses need not call __init__
         return jumps
 
     def init_joint(self, terms, t0, t1, y0, dt0, args, solver, error_order=None):
