@@ -17,8 +17,9 @@ from ._event import Event
 from ._checkpoint import CheckpointAdjoint
 from ._backsolve import BacksolveAdjoint
 from ._interpolation import (
-    CubicSpline, LinearInterpolation, hermite_cubic_coefficients_with_backward_differences, last_observation_times,
-    linear_interpolation_coeffs, natural_cubic_coeffs, natural_cubic_spline_coeffs, rectilinear_interpolation_coeffs,
+    CubicSpline, InterpolationBase, LinearInterpolation, TupleControl, hermite_cubic_coefficients_with_backward_differences,
+    last_observation_times, linear_interpolation_coeffs, natural_cubic_coeffs, natural_cubic_spline_coeffs,
+    rectilinear_interpolation_coeffs,
 )
 from ._brownian import BrownianInterval
 from ._odeint import odeint, odeint_adjoint, odeint_event
@@ -29,4 +30,4 @@ from ._cdeint import cdeint
 from ._implicit import ImplicitAdjoint
 from ._sdeint import sdeint, sdeint_adjoint
 from ._deq import deq_fixed_point, implicit_vjp, jacobian_regularisation, spectral_radius
-from ._logsig import LogODETerm, logsig_windows, logsignature, logsignature_channels
+from ._logsig import LogODETerm, logsig_windows, logsignature, logsignature_channels, logsignature_windows

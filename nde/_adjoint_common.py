@@ -23,7 +23,7 @@ def _add(out, seen, x):
         out.append(x)
 
 
-def _walk(obj, out, seen, visited, depth):
+def _walk(obj, out, seen, visited, depth, modules=None):
     if depth > _MAX_DEPTH or obj is None or id(obj) in visited:
         return
     if isinstance(obj, torch.Tensor):
@@ -33,6 +33,8 @@ def _walk(obj, out, seen, visited, depth):
         return
     visited.add(id(obj))
     if isinstance(obj, torch.nn.Module):
+        if modules is not None:
+            modules.append(obj)
         for prm in obj.parameters():
             _add(out, seen, prm)
         for buf in obj.buffers():
@@ -40,33 +42,33 @@ def _walk(obj, out, seen, visited, depth):
         return
     if isinstance(obj, (list, tuple, set, frozenset)):
         for x in obj:
-            _walk(x, out, seen, visited, depth + 1)
+            _walk(x, out, seen, visited, depth + 1, modules)
         return
     if isinstance(obj, dict):
         for x in obj.values():
-            _walk(x, out, seen, visited, depth + 1)
+            _walk(x, out, seen, visited, depth + 1, modules)
         return
     if isinstance(obj, types.MethodType):
-        _walk(obj.__self__, out, seen, visited, depth + 1)
-        _walk(obj.__func__, out, seen, visited, depth + 1)
+        _walk(obj.__self__, out, seen, visited, depth + 1, modules)
+        _walk(obj.__func__, out, seen, visited, depth + 1, modules)
         return
     if isinstance(obj, types.FunctionType):
         for cell in obj.__closure__ or ():
             try:
-                _walk(cell.cell_contents, out, seen, visited, depth + 1)
+                _walk(cell.cell_contents, out, seen, visited, depth + 1, modules)
             except ValueError:  # empty cell
                 pass
         for x in obj.__defaults__ or ():
-            _walk(x, out, seen, visited, depth + 1)
+            _walk(x, out, seen, visited, depth + 1, modules)
         g = obj.__globals__
         for name in obj.__code__.co_names:
             if name in g:
-                _walk(g[name], out, seen, visited, depth + 1)
-        _walk(getattr(obj, "__wrapped__", None), out, seen, visited, depth + 1)
+                _walk(g[name], out, seen, visited, depth + 1, modules)
+        _walk(getattr(obj, "__wrapped__", None), out, seen, visited, depth + 1, modules)
         return
     if hasattr(obj, "__dict__"):
         for x in vars(obj).values():
-            _walk(x, out, seen, visited, depth + 1)
+            _walk(x, out, seen, visited, depth + 1, modules)
 
 
 def collect_params(problem, extra=None):
@@ -119,8 +121,51 @@ class SolveFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, ct):
         runner = ctx.runner
-        grads = runner.backward(ct)
+        with _leaf_aliases(runner):
+            grads = runner.backward(ct)
         return (None,) + tuple(grads)
+
+
+class _leaf_aliases:
+    """Inside the backward pass, buffers that are collected inputs computed from other tensors (e.g. the
+    slopes of a path built from data requiring grad) are replaced by detached leaves.
+
+    The vector-Jacobian products then stop at every input instead of backpropagating through the graph
+    between inputs (which the first product frees, and which would count a gradient twice when an input
+    depends on another); the graph outside the solve carries the gradients on from the inputs.
+    """
+
+    def __init__(self, runner):
+        self.runner, self.swapped, self.params = runner, [], None
+
+    def __enter__(self):
+        runner = self.runner
+        params, p = getattr(runner, "params", None), getattr(runner, "p", None)
+        targets = {id(x): i for i, x in enumerate(params or ()) if x.grad_fn is not None}
+        if not targets or p is None:
+            return self
+        modules = []
+        _walk(p.user_terms, [], set(), set(), 0, modules)
+        _walk(p.args, [], set(), set(), 0, modules)
+        new = list(params)
+        for module in modules:
+            for m in module.modules():
+                for name, x in m._buffers.items():
+                    i = targets.get(id(x)) if x is not None else None
+                    if i is not None:
+                        if new[i] is params[i]:
+                            new[i] = x.detach().requires_grad_(True)
+                        self.swapped.append((m._buffers, name, x))
+                        m._buffers[name] = new[i]
+        self.params, runner.params = params, new
+        return self
+
+    def __exit__(self, *exc):
+        for store, name, x in reversed(self.swapped):
+            store[name] = x
+        if self.params is not None:
+            self.runner.params = self.params
+        return False
 
 
 def run_with_function(runner, problem, inputs):

@@ -14,6 +14,7 @@ from ._adjoint_common import (
     time_grads, time_inputs,
 )
 from ._controllers import ConstantStepSize, PIDController
+from ._terms import DerivedODETerm
 
 _NORMS = ("seminorm", "rms", "mixed")
 
@@ -333,7 +334,9 @@ class _BacksolveRunner:
             f = stratonovich_adjoint_terms(drift, diffusion, self.params, p.args, shape)
             sign = float(p.sign)
         else:
-            f = augmented_field(p.terms, self.params, p.args, shape, n)
+            # the augmented ODE keeps the forward terms' jump times (knots of a control path), and stages at
+            # its step ends see the path from inside the step, as in the forward solve
+            f = DerivedODETerm(augmented_field(p.terms, self.params, p.args, shape, n), p.terms)
         controller, dt0 = self.adj.backward_controller(p, 2 * n, solver, param_sizes=[x.numel() for x in self.params])
         y = rec.y if rec.y is not None else y0
         a = torch.zeros_like(y0)

@@ -37,21 +37,113 @@ def _check_dt0(dt0, t0, t1):
     return abs(dt0)
 
 
+class _Jumps:
+    """The term's jump times in float64, as a sorted list (joint mode) and a tensor (independent mode)."""
+
+    def __init__(self, jump_ts, device=None, dtype=torch.float64):
+        self.tensor = torch.unique(torch.as_tensor(jump_ts, dtype=torch.float64).detach().reshape(-1).to(device))
+        self.list = self.tensor.tolist()
+        self.clip = True
+        # times closer than the rounding of the state's dtype are one time to the solver's stages
+        self.eps = max(torch.finfo(dtype).eps, torch.finfo(torch.float64).eps)
+
+
+def _term_jumps(terms, device=None, dtype=torch.float64):
+    j = getattr(terms, "jump_ts", None)
+    if j is None:
+        return None
+    jumps = _Jumps(j, device, dtype)
+    return jumps if jumps.list else None
+
+
+def _snap_tol(dt0, start, t, eps):
+    """How close a step end must be to a jump time to be moved onto it: rounding, not a real gap."""
+    return min(1e-9 * dt0 + 16 * eps * max(abs(start), abs(t)), 0.25 * dt0)
+
+
+def _next_end(jumps, t, target, tol):
+    """The end of the step from ``t`` towards the grid point ``target`` (joint mode, floats).
+
+    ``target`` is moved onto a jump time within ``tol`` of it; a jump time inside the step ends the
+    step there instead. Returns ``(end, clipped)``.
+    """
+    ts = jumps.list
+    i = bisect.bisect_left(ts, target)
+    for j in (i, i - 1):
+        if 0 <= j < len(ts) and abs(ts[j] - target) <= tol:
+            target = ts[j]
+            break
+    if not jumps.clip:
+        return target, False
+    j = bisect.bisect_right(ts, t + tol)
+    if j < len(ts) and ts[j] < target - tol:
+        return ts[j], True
+    return target, False
+
+
+def _next_end_batch(jumps, t, target, dt0, start):
+    """:func:`_next_end` with one time a sample (float64 tensors)."""
+    ts = jumps.tensor
+    last = ts.numel() - 1
+    scale = torch.maximum(torch.maximum(start.abs(), target.abs()), t.abs())
+    tol = torch.minimum(1e-9 * dt0 + 16 * jumps.eps * scale, 0.25 * dt0)
+    i = torch.searchsorted(ts, target)
+    hi, lo = ts[i.clamp(max=last)], ts[(i - 1).clamp(min=0)]
+    near = torch.where((hi - target).abs() <= (target - lo).abs(), hi, lo)
+    target = torch.where((near - target).abs() <= tol, near, target)
+    if not jumps.clip:
+        return target, torch.zeros_like(target, dtype=torch.bool)
+    j = torch.searchsorted(ts, t + tol, right=True)
+    cand = ts[j.clamp(max=last)]
+    clipped = (j <= last) & (cand < target - tol)
+    return torch.where(clipped, cand, target), clipped
+
+
 class ConstantStepSize(AbstractController):
-    """Fixed steps of size ``dt0`` (the last step is shortened to land on ``t1``)."""
+    """Fixed steps of size ``dt0`` (the last step is shortened to land on ``t1``).
+
+    Steps also end on the jump times of the terms (the knots of a control path, the window
+    boundaries of a log-ODE): a step that would cross one ends on it, and the next one continues
+    to the grid point ``t0 + n dt0`` it was heading for. Grid points within rounding of a jump time
+    are moved exactly onto it. A solver's stages at a step's ends then see the path from inside
+    the step, forwards and backwards in time; steps aligned with the knots are unchanged.
+
+    Parameters
+    ----------
+    land_on_jumps:
+        Whether steps end on the terms' jump times (default). ``False`` takes the grid
+        ``t0 + n dt0`` whatever the path (steps then cross knots, and the solution is first-order
+        accurate there), still moving grid points within rounding of a knot onto it.
+    """
+
+    def __init__(self, land_on_jumps: bool = True):
+        self.land_on_jumps = bool(land_on_jumps)
+
+    def _jumps(self, terms, y0, device=None):
+        jumps = _term_jumps(terms, device, y0.dtype)
+        if jumps is not None:
+            jumps.clip = getattr(self, "land_on_jumps", True)  # subclasses need not call __init__
+        return jumps
 
     def init_joint(self, terms, t0, t1, y0, dt0, args, solver, error_order=None):
         if dt0 is None:
             raise ValueError("ConstantStepSize needs a step size: pass dt0=... to nde.solve.")
         dt0 = _check_dt0(dt0, t0, t1)
-        return min(t0 + dt0, t1), (dt0, t0, 0), 0
+        jumps = self._jumps(terms, y0)
+        first, clipped = t0 + dt0, False
+        if jumps is not None:
+            first, clipped = _next_end(jumps, t0, first, _snap_tol(dt0, t0, first, jumps.eps))
+        return min(first, t1), (dt0, t0, 1, jumps, clipped), 0
 
     def adapt_joint(self, t0, t1, y0, y1, y_err, state):
-        dt0, start, n = state
-        n = n + 1
-        # count steps from the start so that long solves do not accumulate rounding in t
-        nxt = start + (n + 1) * dt0
-        return True, t1, nxt, False, (dt0, start, n), 0.0
+        dt0, start, m, jumps, clipped = state
+        if not clipped:
+            m = m + 1
+        # count grid points from the start so that long solves do not accumulate rounding in t
+        nxt = start + m * dt0
+        if jumps is not None:
+            nxt, clipped = _next_end(jumps, t1, nxt, _snap_tol(dt0, start, nxt, jumps.eps))
+        return True, t1, nxt, False, (dt0, start, m, jumps, clipped), 0.0
 
     def init_batch(self, terms, t0, t1, y0, dt0, args, solver, norm_fn, error_order=None):
         if dt0 is None:
@@ -62,15 +154,23 @@ class ConstantStepSize(AbstractController):
         dt0 = dt0.abs()
         if not bool(torch.isfinite(dt0).all() and (dt0 > 0).all()):
             raise ValueError("dt0 must be finite and nonzero for every sample.")
-        return torch.minimum(t0 + dt0, t1), (dt0, t0.clone(), torch.zeros_like(t0)), 0
+        jumps = self._jumps(terms, y0, t0.device)
+        first = t0 + dt0
+        clipped = torch.zeros_like(t0, dtype=torch.bool)
+        if jumps is not None:
+            first, clipped = _next_end_batch(jumps, t0, first, dt0, t0)
+        return torch.minimum(first, t1), (dt0, t0.clone(), torch.ones_like(t0), jumps, clipped), 0
 
     def adapt_batch(self, t0, t1, y0, y1, y_err, state, norm_fn):
-        dt0, start, n = state
-        n = n + 1
-        return torch.ones_like(t0, dtype=torch.bool), t1, start + (n + 1) * dt0, (dt0, start, n), None
+        dt0, start, m, jumps, clipped = state
+        m = torch.where(clipped, m, m + 1)
+        nxt = start + m * dt0
+        if jumps is not None:
+            nxt, clipped = _next_end_batch(jumps, t1, nxt, dt0, start)
+        return torch.ones_like(t0, dtype=torch.bool), t1, nxt, (dt0, start, m, jumps, clipped), None
 
     def __repr__(self):
-        return "ConstantStepSize()"
+        return "ConstantStepSize()" if self.land_on_jumps else "ConstantStepSize(land_on_jumps=False)"
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:

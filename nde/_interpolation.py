@@ -23,6 +23,7 @@ its own end.
 
 from __future__ import annotations
 
+import abc
 import bisect
 
 import torch
@@ -32,7 +33,7 @@ from ._path import AbstractPath
 __all__ = [
     "linear_interpolation_coeffs", "rectilinear_interpolation_coeffs", "natural_cubic_coeffs",
     "natural_cubic_spline_coeffs", "hermite_cubic_coefficients_with_backward_differences", "LinearInterpolation",
-    "CubicSpline", "last_observation_times",
+    "CubicSpline", "last_observation_times", "InterpolationBase", "TupleControl",
 ]
 
 
@@ -72,6 +73,10 @@ def _validate(x, t, name="x"):
     if bool((t[..., 1:] <= t[..., :-1]).any()):
         raise ValueError("t must be strictly increasing along its last dimension.")
     return t.to(x.dtype)
+
+
+class _MissingTimeError(ValueError, AssertionError):
+    """Time missing in the time channel of a rectilinear interpolation (an AssertionError too, as torchcde raises)."""
 
 
 def _channels_first(x, t):
@@ -188,7 +193,7 @@ def rectilinear_interpolation_coeffs(x: torch.Tensor, time_index: int):
         raise ValueError(f"rectilinear / time_index must be an integer channel index in [0, {channels}); got {time_index!r}.")
     time_index %= channels
     if bool(torch.isnan(x[..., time_index]).any()):
-        raise ValueError(
+        raise _MissingTimeError(
             "The time channel of x contains NaN; time may not be missing (forward-fill the times of padded "
             "series, e.g. repeat the last time)."
         )
@@ -410,7 +415,95 @@ def last_observation_times(x: torch.Tensor, t: torch.Tensor | None = None):
 
 # ----------------------------------------------------------------------------------------------
 # paths
-class _Interpolation(torch.nn.Module, AbstractPath):
+class InterpolationBase(torch.nn.Module, metaclass=abc.ABCMeta):
+    """Base class of control paths in torchcde's convention: ``grid_points``, ``interval``, ``evaluate(t)``
+    and ``derivative(t)``.
+
+    Subclass it (as ``torchcde.InterpolationBase``) to drive :func:`~nde.cdeint` with a path of your
+    own; its ``grid_points`` are then the times where adaptive steps land. nde's
+    :class:`LinearInterpolation` and :class:`CubicSpline` are instances of it.
+    """
+
+    @property
+    @abc.abstractmethod
+    def grid_points(self):
+        """The knots of the path."""
+
+    @property
+    @abc.abstractmethod
+    def interval(self):
+        """``[t_first, t_last]``."""
+
+    @abc.abstractmethod
+    def evaluate(self, t):
+        """``X(t)``, ``(..., channels)``."""
+
+    @abc.abstractmethod
+    def derivative(self, t):
+        """``dX/dt`` at ``t``, ``(..., channels)``."""
+
+
+class TupleControl(torch.nn.Module):
+    """Several controls over the same interval, driving a CDE whose state is a tuple of tensors.
+
+    ``evaluate(t)`` and ``derivative(t)`` return tuples (one entry a control). Use it with a tuple
+    ``z0`` and a vector field returning a tuple of ``(..., hidden_i, channels_i)`` matrices.
+
+    Parameters
+    ----------
+    *controls:
+        Paths with ``interval`` and ``grid_points`` (e.g. :class:`CubicSpline`).
+    """
+
+    def __init__(self, *controls):
+        super().__init__()
+        if len(controls) == 0:
+            raise ValueError("TupleControl needs one or more controls to batch together.")
+        interval = torch.as_tensor(controls[0].interval)
+        grid = controls[0].grid_points
+        same = True
+        for c in controls[1:]:
+            other = torch.as_tensor(c.interval)
+            if other.shape != interval.shape or bool((other != interval).any()):
+                raise ValueError(
+                    "TupleControl can only batch together controls over the same interval; got "
+                    f"{interval.tolist()} and {other.tolist()}."
+                )
+            g = c.grid_points
+            if same and (g.shape != grid.shape or bool((g != grid).any())):
+                same = False
+        self._interval = interval
+        self._grid_points = grid if same else None
+        self.controls = torch.nn.ModuleList(controls)
+
+    @property
+    def interval(self):
+        return self._interval
+
+    @property
+    def grid_points(self):
+        if self._grid_points is None:
+            raise ValueError("The controls of this TupleControl have different grid points.")
+        return self._grid_points
+
+    @property
+    def jump_ts(self):
+        """The knots of every control (where steps land)."""
+        ts = []
+        for c in self.controls:
+            j = c.jump_ts if isinstance(c, AbstractPath) else getattr(c, "grid_points", None)
+            if j is not None:
+                ts.append(torch.as_tensor(j, dtype=torch.float64).detach().reshape(-1))
+        return torch.unique(torch.cat(ts)) if ts else None
+
+    def evaluate(self, t):
+        return tuple(c.evaluate(t) for c in self.controls)
+
+    def derivative(self, t):
+        return tuple(c.derivative(t) for c in self.controls)
+
+
+class _Interpolation(InterpolationBase, AbstractPath):
     """Shared machinery: locating times on the knots (joint, multi-time and per-sample queries)."""
 
     def _init_knots(self, t, like, n_pieces, per_sample_ok=True):
@@ -476,10 +569,10 @@ class _Interpolation(torch.nn.Module, AbstractPath):
         """Return ``(mode, index, frac)``.
 
         ``mode`` is ``"scalar"`` (one time, ``index`` an int or 0-d tensor, ``frac`` a 0-d tensor / float),
-        ``"multi"`` (a 1-D tensor of times, torchcde style: outputs gain a time dimension before the
-        channels) or ``"sample"`` (one time a series: ``index`` and ``frac`` of the batch shape).
+        ``"multi"`` (a tensor of times of any shape, torchcde style: outputs gain its dimensions before the
+        channels) or ``"sample"`` (one time a series, shape ``batch_shape + (1, ...)``: ``index`` and
+        ``frac`` of the batch shape).
         """
-        bshape = self._batch_shape()
         nmax = self._t.shape[-1] - 2
         if not isinstance(t, torch.Tensor):
             if isinstance(t, bool) or not isinstance(t, (int, float)):
@@ -499,27 +592,23 @@ class _Interpolation(torch.nn.Module, AbstractPath):
                 i = (bisect.bisect_left if left else bisect.bisect_right)(self._knots, tf) - 1
                 i = min(max(i, 0), nmax)
                 return "scalar", i, tf - self._knots[i]
+            bshape = self._batch_shape()
             tb = t.expand(bshape)
         else:
-            per_sample = t.dim() >= 2 and t.shape[-1] == 1
+            bshape = self._batch_shape()
+            # one time a series: the batch shape of the path followed by ones (what independent batch mode passes)
+            lead = t.shape[:len(bshape)]
+            per_sample = (len(bshape) >= 1 and t.dim() > len(bshape) and tuple(lead) == bshape
+                          and all(n == 1 for n in t.shape[len(bshape):]))
             if per_sample:
-                tb = t
-                while tb.dim() > len(bshape) and tb.shape[-1] == 1:
-                    tb = tb.squeeze(-1)
-                try:
-                    tb = tb.expand(bshape)
-                except RuntimeError:
-                    raise ValueError(
-                        f"A per-sample time of shape {tuple(t.shape)} does not match the path's batch shape {bshape}."
-                    ) from None
+                tb = t.reshape(bshape)
             else:
-                if t.dim() != 1:
-                    raise ValueError(
-                        "t must be a scalar, a 1-D tensor of times, or one time a series of shape "
-                        f"batch_shape + (1, ...); got shape {tuple(t.shape)}."
-                    )
+                # torchcde's convention: a tensor of times of any shape, outputs (..., *t.shape, channels)
                 if not self._shared:
-                    raise ValueError("Paths with per-series knots take a scalar time or one time a series.")
+                    raise ValueError(
+                        "Paths with per-series knots take a scalar time or one time a series (shape batch_shape + "
+                        f"(1, ...) = {bshape + (1,)}); got shape {tuple(t.shape)}."
+                    )
                 i = (torch.bucketize(t.detach().to(self._t.dtype), self._t, right=not left) - 1).clamp(0, nmax)
                 return "multi", i, t.to(self._t.dtype) - self._t[i]
         tb = tb.to(self._t.dtype)
@@ -528,6 +617,21 @@ class _Interpolation(torch.nn.Module, AbstractPath):
             return "sample", i, tb - self._t[i]
         i = (torch.searchsorted(self._t, tb.detach().unsqueeze(-1), right=not left) - 1).clamp(0, nmax)
         return "sample", i.squeeze(-1), tb - self._t.gather(-1, i).squeeze(-1)
+
+    def _scalar(self, t, left):
+        """``(piece, offset)`` as Python numbers for one time without gradient on the CPU (the solver's
+        stages in joint mode), else None."""
+        if isinstance(t, torch.Tensor):
+            if t.dim() != 0 or t.requires_grad or t.device.type != "cpu":
+                return None
+        elif isinstance(t, bool) or not isinstance(t, (int, float)):
+            return None
+        if not self._shared:
+            return None
+        tf = float(t)
+        knots = self._knots
+        i = min(max((bisect.bisect_left if left else bisect.bisect_right)(knots, tf) - 1, 0), len(knots) - 2)
+        return i, tf - knots[i]
 
     @staticmethod
     def _take(coef, mode, i):
@@ -547,10 +651,10 @@ class _Interpolation(torch.nn.Module, AbstractPath):
     def evaluate(self, t0, t1=None, left: bool = True) -> torch.Tensor:
         """``X(t0)``, or the increment ``X(t1) - X(t0)`` when ``t1`` is given.
 
-        ``t0`` is a number or 0-d tensor (returns ``(..., channels)``), a 1-D tensor of ``n`` times
-        (returns ``(..., n, channels)``), or one time a series of shape ``batch_shape + (1, ...)``
-        (returns ``(..., channels)``, each series at its own time). Outside the knots the end pieces are
-        extended.
+        ``t0`` is a number or 0-d tensor (returns ``(..., channels)``), a tensor of times of shape ``S``
+        (returns ``(..., *S, channels)``, as torchcde), or one time a series of shape
+        ``batch_shape + (1, ...)`` (returns ``(..., channels)``, each series at its own time). Outside the
+        knots the end pieces are extended.
         """
         if t1 is not None:
             return self._value(t1, left) - self._value(t0, left)
@@ -590,19 +694,31 @@ class LinearInterpolation(_Interpolation):
             raise ValueError("coeffs contain NaN: pass the data through nde.linear_interpolation_coeffs first.")
         self._init_knots(t, coeffs, coeffs.shape[-2] - 1)
         dt = (self._t[..., 1:] - self._t[..., :-1]).unsqueeze(-1)
-        self.register_buffer("_coeffs", coeffs)
+        # The path keeps the start of every piece and its slope, and never the coefficients themselves:
+        # an adjoint that differentiates with respect to the path's tensors then stops at these two,
+        # instead of backpropagating through the slopes' graph (built once, here) on every evaluation.
+        self.register_buffer("_left", coeffs[..., :-1, :])
         self.register_buffer("_derivs", (coeffs[..., 1:, :] - coeffs[..., :-1, :]) / dt)
+        self.register_buffer("_last", coeffs[..., -1:, :])
+
+    @property
+    def _coeffs(self):
+        """The knot values ``(..., length, channels)`` (rebuilt from the pieces)."""
+        return torch.cat([self._left, self._last], dim=-2)
 
     def _batch_shape(self):
-        return tuple(self._coeffs.shape[:-2])
+        return tuple(self._left.shape[:-2])
 
     def _value(self, t, left=True):
         mode, i, frac = self._locate(t, left)
-        return self._take(self._coeffs[..., :-1, :], mode, i) + self._frac(mode, frac) * self._take(self._derivs, mode, i)
+        return self._take(self._left, mode, i) + self._frac(mode, frac) * self._take(self._derivs, mode, i)
 
     def derivative(self, t, left: bool = True) -> torch.Tensor:
         """``dX/dt`` at ``t`` (left-continuous at the knots unless ``left=False``); time conventions as
         :meth:`evaluate`."""
+        fast = self._scalar(t, left)
+        if fast is not None:
+            return self._derivs[..., fast[0], :]
         mode, i, _ = self._locate(t, left)
         return self._take(self._derivs, mode, i)
 
@@ -647,6 +763,9 @@ class CubicSpline(_Interpolation):
         self.register_buffer("_b", coeffs[..., c:2 * c])
         self.register_buffer("_two_c", coeffs[..., 2 * c:3 * c])
         self.register_buffer("_three_d", coeffs[..., 3 * c:])
+        # the derivative's coefficients piece by piece, each piece contiguous: one time costs two fused operations
+        self.register_buffer("_dpoly", torch.stack([self._b, self._two_c, self._three_d]).movedim(-2, 0).contiguous(),
+                             persistent=False)
         self.smooth = bool(smooth)
 
     def _batch_shape(self):
@@ -665,9 +784,12 @@ class CubicSpline(_Interpolation):
 
     def derivative(self, t, left: bool = True) -> torch.Tensor:
         """``dX/dt`` at ``t``; time conventions as :meth:`evaluate`."""
+        fast = self._scalar(t, left)
+        if fast is not None:  # one time, no gradient through it
+            i, s = fast
+            p = self._dpoly[i]
+            return torch.add(p[0], p[1], alpha=s).add_(p[2], alpha=s * s)
         mode, i, s = self._locate(t, left)
-        if isinstance(s, float):  # one time, no gradient through it: two fused operations
-            return torch.add(self._b[..., i, :], self._two_c[..., i, :], alpha=s).add_(self._three_d[..., i, :], alpha=s * s)
         s = self._frac(mode, s)
         take = self._take
         return take(self._b, mode, i) + (take(self._two_c, mode, i) + take(self._three_d, mode, i) * s) * s

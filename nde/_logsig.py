@@ -21,9 +21,9 @@ import torch
 
 from ._interpolation import LinearInterpolation, _validate, linear_interpolation_coeffs
 from ._path import AbstractPath
-from ._terms import AbstractTerm, as_vector_field
+from ._terms import ODEForm, as_vector_field
 
-__all__ = ["logsignature", "logsignature_channels", "logsig_windows", "LogODETerm"]
+__all__ = ["logsignature", "logsignature_channels", "logsig_windows", "logsignature_windows", "lyndon_words", "LogODETerm"]
 
 
 def logsignature_channels(channels: int, depth: int) -> int:
@@ -56,17 +56,47 @@ def _check_depth(depth, any_depth=False):
         raise ValueError(f"depth must be {allowed}; got {depth!r}.")
 
 
-def _deep_logsignature(x, depth):
-    """Depth > 2 through pysiglib (Lyndon basis, differentiable)."""
+def _deep_logsignature(x, depth, lyndon_basis=False):
+    """Depth > 2 through pysiglib (differentiable): the coefficients of the tensor logarithm at the Lyndon
+    words (``lyndon_basis=False``, torchcde's and Signatory's default), or in the Lyndon basis of the free
+    Lie algebra (the coefficients of the iterated brackets, what the log-ODE method needs)."""
     try:
         import pysiglib
     except ImportError:
         raise ValueError(
             f"depth={depth} needs the optional package pysiglib (pip install pysiglib); depths 1 and 2 are built in."
         ) from None
-    pysiglib.prepare_log_sig(x.shape[-1], depth, 1)
-    flat = x.reshape((-1,) + x.shape[-2:]).contiguous()
-    return pysiglib.torch_api.log_sig(flat, depth, method=1).reshape(x.shape[:-2] + (-1,))
+    method = 2 if lyndon_basis else 1
+    pysiglib.prepare_log_sig(x.shape[-1], depth, method)
+    flat = x.reshape((-1,) + x.shape[-2:]).clone(memory_format=torch.contiguous_format)
+    return pysiglib.torch_api.log_sig(flat, depth, method=method).reshape(x.shape[:-2] + (-1,))
+
+
+def lyndon_words(channels: int, depth: int):
+    """The Lyndon words of length at most ``depth`` over ``0, ..., channels - 1``, in the order of the
+    log-signature's coefficients (by length, then lexicographically)."""
+    out = []
+    for n in range(1, depth + 1):
+        out += sorted(w for w in _words(channels, n) if _is_lyndon(w))
+    return out
+
+
+def _words(channels, n):
+    if n == 0:
+        return [()]
+    return [w + (c,) for w in _words(channels, n - 1) for c in range(channels)]
+
+
+def _is_lyndon(w):
+    return all(w < w[i:] + w[:i] for i in range(1, len(w)))
+
+
+def _standard_factorisation(w):
+    """``w = u v`` with ``v`` the longest proper suffix of ``w`` that is a Lyndon word."""
+    for i in range(1, len(w)):
+        if _is_lyndon(w[i:]):
+            return w[:i], w[i:]
+    raise ValueError(f"{w} has no standard factorisation.")
 
 
 def _triu(channels, device):
@@ -174,24 +204,45 @@ def logsig_windows(x: torch.Tensor, depth: int, window_length: float, t: torch.T
     """
     _check_depth(depth, any_depth=True)
     r, grid, pts, bidx = _windows(x, t, window_length)
-    if depth > 2:
-        b = bidx.tolist()
-        ls = torch.stack([logsignature(pts[..., b[k]:b[k + 1] + 1, :], depth) for k in range(len(b) - 1)], dim=-2)
-        first = torch.zeros_like(ls[..., :1, :])
-        first[..., 0, : x.shape[-1]] = pts[..., 0, :]
-        return torch.cat([first, ls], dim=-2).cumsum(-2)
-    inc, area = _window_logsig(pts, bidx, depth)
-    if depth == 2:
-        i, j = _triu(x.shape[-1], x.device)
-        ls = torch.cat([inc, area[..., i, j]], dim=-1)
-    else:
-        ls = inc
+    ls = _window_logsigs(pts, bidx, depth, x.shape[-1])
     first = torch.zeros_like(ls[..., :1, :])
     first[..., 0, : x.shape[-1]] = pts[..., 0, :]
     return torch.cat([first, ls], dim=-2).cumsum(-2)
 
 
-class LogODETerm(AbstractTerm):
+def _window_logsigs(pts, bidx, depth, channels):
+    """The log-signature of every window, ``(..., n_windows, logsignature_channels(channels, depth))``."""
+    if depth > 2:
+        b = bidx.tolist()
+        return torch.stack([logsignature(pts[..., b[k]:b[k + 1] + 1, :], depth) for k in range(len(b) - 1)], dim=-2)
+    inc, area = _window_logsig(pts, bidx, depth)
+    if depth == 1:
+        return inc
+    i, j = _triu(channels, pts.device)
+    return torch.cat([inc, area[..., i, j]], dim=-1)
+
+
+def logsignature_windows(x: torch.Tensor, depth: int, window_length: float, t: torch.Tensor | None = None):
+    """torchcde's earlier form of :func:`logsig_windows`: every window's log-signature scaled by the window's length.
+
+    Kept so that scripts written for it keep working; prefer :func:`logsig_windows`, whose path is
+    meant to be interpolated at times ``0, 1, ..., n`` (one unit a window).
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        The values ``(..., n_windows + 1, logsignature_channels(channels, depth))`` and their times
+        ``(n_windows + 1,)`` (the window boundaries).
+    """
+    _check_depth(depth, any_depth=True)
+    r, grid, pts, bidx = _windows(x, t, window_length)
+    ls = _window_logsigs(pts, bidx, depth, x.shape[-1]) * (r[1:] - r[:-1]).unsqueeze(-1).to(pts.dtype)
+    first = torch.zeros_like(ls[..., :1, :])
+    first[..., 0, : x.shape[-1]] = pts[..., 0, :]
+    return torch.cat([first, ls], dim=-2).cumsum(-2), r
+
+
+class LogODETerm(ODEForm):
     """The log-ODE approximation of the CDE ``dz = f(t, z) dX`` for data ``x`` observed at times ``t``.
 
     On window ``k`` (``[r_k, r_{k+1}]``, ``H_k`` long) the term is the ODE
@@ -199,11 +250,13 @@ class LogODETerm(AbstractTerm):
     increment and ``A_k`` its antisymmetric Levy-area matrix (depth 2), i.e. the log-ODE
     ``dz/ds = f(z) dX + sum_{i<j} [f_i, f_j](z) A^{ij}`` crossed in the window's time at constant
     speed (``phi' = 1``). The Lie brackets are computed by one batched Jacobian-vector product per
-    evaluation.
+    evaluation. At depth ``N > 2`` the ODE is ``dz/ds = sum_w lambda_w f_w(z)`` over the Lyndon words
+    ``w`` of length at most ``N``, ``lambda`` the window's log-signature in the Lyndon basis and ``f_w``
+    the iterated bracket of the columns of ``f`` that ``w`` spells.
 
     Use an ODE solver without FSAL for fixed steps; one RK4 step per window (``dt0=window_length``) is
-    typical. A query exactly on a window boundary is given the window of the step being taken, inferred
-    from the order of the queries (a step's stages run from its start to its end).
+    typical. Every stage of a step sees the window the step lies in (stages at the step's ends are
+    evaluated from inside it), forwards and backwards in time.
 
     Parameters
     ----------
@@ -212,7 +265,9 @@ class LogODETerm(AbstractTerm):
     x:
         Data ``(..., length, channels)`` (NaN where missing).
     depth:
-        1 (increments only) or 2 (with Levy areas).
+        1 (increments only), 2 (with Levy areas), or deeper (the optional package pysiglib computes the
+        log-signature in the Lyndon basis; the iterated Lie brackets of ``f`` are nested Jacobian-vector
+        products, so the cost of an evaluation grows quickly with the depth).
     window_length:
         Window length in units of ``t``.
     t:
@@ -231,13 +286,28 @@ class LogODETerm(AbstractTerm):
 
     def __init__(self, vector_field, x: torch.Tensor, depth: int = 2, window_length: float = 32.0,
                  t: torch.Tensor | None = None, smooth: bool = False):
-        _check_depth(depth)
+        _check_depth(depth, any_depth=True)
         self.vector_field = vector_field
         self._fn = as_vector_field(vector_field)
         self.depth = depth
         self.smooth = bool(smooth)
         r, grid, pts, bidx = _windows(x, t, window_length)
-        inc, area = _window_logsig(pts, bidx, depth)
+        if depth > 2:
+            # the window's log-signature in the Lyndon basis, and the iterated brackets it multiplies
+            b = bidx.tolist()
+            self.lyndon = torch.stack([_deep_logsignature(pts[..., b[k]:b[k + 1] + 1, :], depth, lyndon_basis=True)
+                                       for k in range(len(b) - 1)], dim=-2)  # (..., n, logsignature_channels)
+            self.words = lyndon_words(x.shape[-1], depth)
+            by_length = {n: [w for w in self.words if len(w) == n] for n in range(1, depth + 1)}
+            index = {w: i for n in by_length for i, w in enumerate(by_length[n])}
+            self._sizes = {n: len(ws) for n, ws in by_length.items()}
+            # for every word of length n: the lengths of its factors u, v and their places in their levels
+            self._plans = {n: [(len(u), len(v), index[u], index[v]) for u, v in map(_standard_factorisation, ws)]
+                           for n, ws in by_length.items() if n > 1}
+            inc, area = self.lyndon[..., : x.shape[-1]], None
+        else:
+            self.lyndon = None
+            inc, area = _window_logsig(pts, bidx, depth)
         self.boundaries = r
         self._knots = r.tolist()
         width = r[1:] - r[:-1]
@@ -245,12 +315,6 @@ class LogODETerm(AbstractTerm):
         self.increments = inc  # (..., n, C)
         self.areas = area  # (..., n, C, C) or None
         self.control = _WindowPath(self)
-        self._prev = (None, True)  # last queried time and whether time was moving forwards
-        self._prev_sample = None
-
-    @property
-    def is_ode(self) -> bool:
-        return True
 
     @property
     def jump_ts(self):
@@ -261,12 +325,12 @@ class LogODETerm(AbstractTerm):
         return len(self._knots) - 1
 
     def _locate(self, t):
-        """Window index and rate ``phi'(theta)/H`` for time ``t`` (scalar or per sample).
+        """Window index and rate ``phi'(theta)/H`` for time ``t`` (scalar or one time a sample).
 
-        A time exactly on a window boundary belongs to the window the current step lies in. The term
-        infers it from the order of its queries: a solver's stages arrive from the start of the step
-        towards its end, so a boundary reached moving forwards (or backwards) closes the window behind it,
-        and a boundary queried twice in a row opens the window ahead.
+        Stateless: a time lies in the window containing it, and a time exactly on a boundary in the
+        window on its left. Solvers evaluate the stages at a step's ends from inside the step (and
+        fixed steps are moved onto the boundaries when they are within rounding of them), so every
+        stage of a step sees the window the step lies in, in either time direction.
         """
         r = self.boundaries
         nmax = len(self._knots) - 2
@@ -276,50 +340,20 @@ class LogODETerm(AbstractTerm):
             while tb.dim() > len(bshape) and tb.shape[-1] == 1:
                 tb = tb.squeeze(-1)
             tb = tb.detach().to(r.dtype).expand(bshape)
-            near = torch.bucketize(tb, r).clamp(1, nmax + 1)
-            for c in (near - 1, near):
-                rc = r[c]
-                tb = torch.where((tb - rc).abs() <= 1e-9 * (self._knots[-1] - self._knots[0]), rc, tb)
-            lo = (torch.bucketize(tb, r) - 1).clamp(0, nmax)  # left window at a boundary
-            on = (r[(lo + 1).clamp(max=nmax + 1)] == tb) & (lo + 1 <= nmax)
-            prev, fwd = self._prev_sample if self._prev_sample is not None else (None, None)
-            if prev is None or prev.shape != tb.shape:
-                prev, fwd = tb.clone(), torch.ones_like(tb, dtype=torch.bool)
-            moved_fwd = torch.where(tb == prev, fwd, tb > prev)
-            take_right = on & moved_fwd & (tb == prev)
-            take_right = take_right | (on & (tb < prev))
-            k = torch.where(take_right, lo + 1, lo)
-            self._prev_sample = (tb.clone(), moved_fwd)
+            k = (torch.bucketize(tb, r) - 1).clamp(0, nmax)
             h = self._width[k]
+            if not self.smooth:
+                return "sample", k, 1 / h
             theta = ((tb - r[k]) / h).clamp(0, 1)
-            rate = 6 * theta * (1 - theta) / h if self.smooth else 1 / h
-            return "sample", k, rate
+            return "sample", k, 6 * theta * (1 - theta) / h
         tf = float(t)
         knots = self._knots
-        j = bisect.bisect_left(knots, tf)
-        # snap times within rounding of a boundary onto it (step grids and data grids round differently)
-        for c in (j - 1, j):
-            if 0 <= c <= nmax + 1 and abs(tf - knots[c]) <= 1e-9 * (knots[-1] - knots[0]):
-                tf = knots[c]
         k = min(max(bisect.bisect_left(knots, tf) - 1, 0), nmax)
-        if k + 1 <= nmax and knots[k + 1] == tf:  # on the boundary between windows k and k + 1
-            prev, fwd = self._prev
-            if prev is None:
-                right = True
-            elif tf == prev:
-                right = fwd
-            else:
-                right = tf < prev
-            if right:
-                k += 1
-        if self._prev[0] is not None and tf != self._prev[0]:
-            self._prev = (tf, tf > self._prev[0])
-        else:
-            self._prev = (tf, self._prev[1])
         h = knots[k + 1] - knots[k]
+        if not self.smooth:
+            return "scalar", k, 1 / h
         theta = min(max((tf - knots[k]) / h, 0.0), 1.0)
-        rate = 6 * theta * (1 - theta) / h if self.smooth else 1 / h
-        return "scalar", k, rate
+        return "scalar", k, 6 * theta * (1 - theta) / h
 
     def _window(self, mode, k, z):
         if mode == "scalar":
@@ -333,8 +367,58 @@ class LogODETerm(AbstractTerm):
         area = self.areas.gather(-3, k.reshape(k.shape + (1, 1, 1)).expand(k.shape + (1, c, c))).squeeze(-3)
         return inc, area
 
+    def _level(self, n, t, args):
+        """``z -> (..., H, K_n)``: the brackets ``f_w`` of the ``K_n`` Lyndon words ``w`` of length ``n``.
+
+        ``f_w = [f_u, f_v] = J_{f_v} f_u - J_{f_u} f_v`` for the standard factorisation ``w = u v``; the
+        Jacobian-vector products of a whole level in the directions of another are one batched
+        ``torch.func.jvp``, so an evaluation costs a few calls per level rather than a few per word.
+        """
+        if n == 1:
+            return lambda z: self._fn(t, z, args)
+        plan = self._plans[n]
+
+        def level(z):
+            values, products, cols = {}, {}, []
+
+            def value(m):
+                if m not in values:
+                    values[m] = self._level(m, t, args)(z)
+                return values[m]
+
+            def jvp(m, d):
+                # J_{f_w} (f_u) for every word w of length m and u of length d: (K_d, ..., H, K_m)
+                if (m, d) not in products:
+                    dirs = value(d).movedim(-1, 0).contiguous()
+                    zs = z.unsqueeze(0).expand((dirs.shape[0],) + z.shape).contiguous()
+                    products[m, d] = torch.func.jvp(self._level(m, t, args), (zs,), (dirs,))[1]
+                return products[m, d]
+
+            for a, b, iu, iv in plan:
+                cols.append(jvp(b, a)[iu, ..., iv] - jvp(a, b)[iv, ..., iu])
+            return torch.stack(cols, -1)
+
+        return level
+
+    def _deep_ode(self, mode, k, t, y, args):
+        if mode == "scalar":
+            lam = self.lyndon[..., k, :]
+        else:
+            lam = self.lyndon.gather(-2, k.reshape(k.shape + (1, 1)).expand(k.shape + (1, self.lyndon.shape[-1])))
+            lam = lam.squeeze(-2)
+        out, start = None, 0
+        for n in range(1, self.depth + 1):
+            size = self._sizes[n]
+            part = (self._level(n, t, args)(y) @ lam[..., start:start + size].unsqueeze(-1)).squeeze(-1)
+            out = part if out is None else out + part
+            start += size
+        return out
+
     def ode(self, t, y, args):
         mode, k, rate = self._locate(t)
+        if self.lyndon is not None:
+            out = self._deep_ode(mode, k, t, y, args)
+            return out * rate if mode == "scalar" else out * rate.to(out.dtype).unsqueeze(-1)
         inc, area = self._window(mode, k, y)
         f = self._fn(t, y, args)  # (..., H, C)
         out = (f @ inc.unsqueeze(-1)).squeeze(-1)
@@ -347,15 +431,6 @@ class LogODETerm(AbstractTerm):
         if mode == "scalar":
             return out * rate
         return out * rate.to(out.dtype).unsqueeze(-1)
-
-    def vf(self, t, y, args):
-        return self.ode(t, y, args)
-
-    def contr(self, t0, t1):
-        return t1 - t0
-
-    def prod(self, vf, control):
-        return vf * control
 
     def __repr__(self):
         return f"LogODETerm(depth={self.depth}, windows={self.num_windows})"

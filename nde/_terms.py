@@ -186,7 +186,7 @@ class ControlTerm(AbstractTerm):
             return vf * control
         if self.noise == "scalar":
             return vf[..., 0] * control
-        return (vf @ control.unsqueeze(-1)).squeeze(-1)
+        return matrix_vector(vf, control)
 
     def vf_prod(self, t, y, args, control):
         if self._vf_prod is not None:
@@ -198,15 +198,42 @@ class ControlTerm(AbstractTerm):
         return _path_is_differentiable(self.control)
 
     def ode(self, t, y, args):
-        return self.vf_prod(t, y, args, self.control.derivative(t))
+        return self.vf_prod(t, y, args, control_derivative(self.control, t))
 
     @property
     def jump_ts(self):
         return self.control.jump_ts
 
 
+def control_derivative(control, t, name=None):
+    """``control.derivative(t)``; a failure inside the path is reported as the path's, not the vector field's."""
+    try:
+        return control.derivative(t)
+    except NotImplementedError:
+        raise
+    except RuntimeError as e:
+        if isinstance(t, torch.Tensor):
+            t = float(t.detach().reshape(-1)[0]) if t.numel() == 1 else f"(tensor of shape {tuple(t.shape)})"
+        raise ValueError(
+            f"The control path {name or type(control).__name__} failed to evaluate its derivative at t={t}: {e}"
+        ) from e
+
+
 def _path_is_differentiable(path) -> bool:
     return type(path).derivative is not AbstractPath.derivative
+
+
+def matrix_vector(g, x):
+    """``(g @ x[..., None])[..., 0]`` for a batch of small matrices ``g (..., d, m)``, vectors ``x (..., m)``.
+
+    Without a graph to record: one batched matrix product (the fastest forward pass). When gradients
+    are recorded: a broadcast product and a sum, whose backward pass is two broadcast operations instead
+    of two batches of small matrix products (on the CPU about 5% of a whole CDE training step for
+    ``(32 x 4)`` matrices).
+    """
+    if torch.is_grad_enabled() and (g.requires_grad or x.requires_grad):
+        return (g * x.unsqueeze(-2)).sum(-1)
+    return torch.matmul(g, x.unsqueeze(-1)).squeeze(-1)
 
 
 class MultiTerm(AbstractTerm):
@@ -260,6 +287,51 @@ class MultiTerm(AbstractTerm):
         if not ts:
             return None
         return torch.unique(torch.cat([torch.as_tensor(t, dtype=torch.float64).reshape(-1) for t in ts]))
+
+
+class ODEForm(AbstractTerm):
+    """Base class of terms that are ODEs in disguise (``dy = ode(t, y, args) dt``): subclasses define :meth:`ode`."""
+
+    def vf(self, t, y, args):
+        return self.ode(t, y, args)
+
+    def contr(self, t0, t1):
+        return t1 - t0
+
+    def prod(self, vf, control):
+        return vf * control
+
+    @property
+    def is_ode(self) -> bool:
+        return True
+
+
+class DerivedODETerm(ODEForm):
+    """An ODE ``dz/dt = f(t, z, args)`` built from another term, e.g. an adjoint's augmented field.
+
+    It keeps the other term's ``jump_ts`` and, through :func:`only_ode_terms`, whether that term hides
+    a control path: solvers then reuse no stage across steps and evaluate the stages at a step's
+    ends from inside the step, as they do for the original term.
+
+    Parameters
+    ----------
+    vector_field:
+        ``f(t, z, args)`` or ``f(t, z)``.
+    term:
+        The term ``f`` is derived from.
+    """
+
+    def __init__(self, vector_field: Callable, term: AbstractTerm):
+        self.vector_field = vector_field
+        self._fn = as_vector_field(vector_field)
+        self.term = term
+
+    def ode(self, t, y, args):
+        return self._fn(t, y, args)
+
+    @property
+    def jump_ts(self):
+        return self.term.jump_ts
 
 
 class _ReversedTime(AbstractTerm):

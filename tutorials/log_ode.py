@@ -98,8 +98,10 @@ def saved_bytes(fn):
 
 methods = {
     "plain CDE": lambda: nde.solve(nde.ControlTerm(f, nde.LinearInterpolation(x, t)), RK4(), 0.0, 1.0, z0, dt0=h),
+    # fixed steps stop on every knot unless told otherwise: here they are told to cross 32 pieces a step
     "plain CDE, steps of 32 pieces": lambda: nde.solve(nde.ControlTerm(f, nde.LinearInterpolation(x, t)), RK4(),
-                                                       0.0, 1.0, z0, dt0=32 * h),
+                                                       0.0, 1.0, z0, dt0=32 * h,
+                                                       controller=nde.ConstantStepSize(land_on_jumps=False)),
     "log-ODE depth 1, windows of 32": lambda: nde.solve(nde.LogODETerm(f, x, depth=1, window_length=32 * h, t=t),
                                                         RK4(), 0.0, 1.0, z0, dt0=32 * h),
     "log-ODE depth 2, windows of 32": lambda: nde.solve(nde.LogODETerm(f, x, depth=2, window_length=32 * h, t=t),

@@ -112,6 +112,7 @@ with torch.no_grad():
     pred = (model(coeffs=coeffs[test], t=t).squeeze(-1) > 0).long()
 accuracy = (pred == y[test]).float().mean().item()
 print(f"test accuracy: {accuracy:.3f}")
+assert accuracy >= 0.95, f"the model should classify at least 95% of the test spirals correctly; got {accuracy:.3f}"
 
 fig, ax = plt.subplots(figsize=(5, 3))
 ax.plot(losses)

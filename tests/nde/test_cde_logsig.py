@@ -114,10 +114,16 @@ def test_long_series_depth_two_log_ode_takes_far_fewer_steps_at_similar_accuracy
     assert plain.stats["num_steps"] >= 10 * log2.stats["num_steps"]
     assert err_plain < 1e-8, err_plain  # RK4 on every knot of the piecewise-linear path is near exact
     # the plain CDE given the log-ODE's step budget is far less accurate than the log-ODE
-    coarse = nde.solve(nde.ControlTerm(f, nde.LinearInterpolation(x, t)), RK4(), 0.0, 1.0, z0, dt0=w)
+    coarse = nde.solve(nde.ControlTerm(f, nde.LinearInterpolation(x, t)), RK4(), 0.0, 1.0, z0, dt0=w,
+                       controller=nde.ConstantStepSize(land_on_jumps=False))
     err_coarse = float((coarse.ys[-1] - ref).abs().max())
     assert coarse.stats["num_steps"] == log2.stats["num_steps"]
     assert err2 < err_coarse / 5 and err2 < 2e-3, (err2, err_coarse)
+    # at the log-ODE's accuracy the plain CDE needs a step on every knot: with steps over two pieces
+    # (half the steps) it is already less accurate
+    half = nde.solve(nde.ControlTerm(f, nde.LinearInterpolation(x, t)), RK4(), 0.0, 1.0, z0, dt0=2 * h,
+                     controller=nde.ConstantStepSize(land_on_jumps=False))
+    assert err2 < float((half.ys[-1] - ref).abs().max()), err2
     assert err2 < err1 / 5, (err1, err2)  # the Levy areas matter
     # peak autograd memory: what the backward pass keeps
     z = z0.clone().requires_grad_(True)
@@ -179,3 +185,28 @@ def test_log_ode_adjoints():
     # the continuous adjoint differs from the discrete gradient by the discretisation error only
     for a, b in zip(grads(nde.BacksolveAdjoint(), 0.025), direct):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_depth_three_log_ode_converges_faster_than_depth_two():
+    pytest.importorskip("pysiglib")
+    # one window over a wiggly path: the log-ODE's error is local error of order (path size)^(depth + 1)
+    t = torch.linspace(0, 1, 65, dtype=D)
+    s = t.unsqueeze(-1)
+    f = _field(hidden=3, channels=3, seed=5)
+    z0 = torch.full((1, 3), 0.3, dtype=D)
+    errs = {1: [], 2: [], 3: []}
+    for scale in (0.5, 0.25):
+        x = scale * torch.cat([s, torch.sin(2 * math.pi * 2 * s), torch.cos(2 * math.pi * 3 * s)], -1).unsqueeze(0)
+        ref = nde.solve(nde.ControlTerm(f, nde.LinearInterpolation(x, t)), RK4(), 0.0, 1.0, z0, dt0=1 / 256).ys[-1]
+        for depth in errs:
+            y = nde.solve(LogODETerm(f, x, depth=depth, window_length=1.0, t=t), RK4(), 0.0, 1.0, z0, dt0=1 / 4).ys[-1]
+            errs[depth].append(float((y - ref).abs().max()))
+    orders = {d: math.log2(e[0] / e[1]) for d, e in errs.items()}
+    for d in errs:
+        assert d + 1 - 0.5 < orders[d] < d + 1 + 0.7, (errs, orders)
+    assert errs[3][-1] < errs[2][-1] / 3 < errs[1][-1] / 9, errs
+    # gradients reach the data through pysiglib
+    xg = x.clone().requires_grad_(True)
+    y = nde.solve(LogODETerm(f, xg, depth=3, window_length=0.5, t=t), RK4(), 0.0, 1.0, z0, dt0=1.0 / 2).ys[-1]
+    (g,) = torch.autograd.grad(y.pow(2).sum(), xg)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0

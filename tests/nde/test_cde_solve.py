@@ -56,7 +56,10 @@ def test_cde_agrees_with_torchcde_cdeint():
         theirs = torchcde.cdeint(getattr(torchcde, cls.__name__)(coeffs, t), f, z0, t, adjoint=False, method="dopri5",
                                  rtol=1e-10, atol=1e-10, options=dict(jump_t=t))
         torch.testing.assert_close(sol.ys.transpose(0, 1), theirs, rtol=1e-7, atol=1e-7)
-        assert sol.stats["num_steps"] >= len(t) - 1  # steps land on every knot
+        # every knot is the end of a step
+        steps = nde.solve(nde.ControlTerm(f, path), Dopri5(), t[0], t[-1], z0, saveat=nde.SaveAt(steps=True),
+                          controller=nde.PIDController(rtol=1e-6, atol=1e-6)).ts
+        assert bool(torch.isin(t[1:], steps).all()), t[1:][~torch.isin(t[1:], steps)]
 
 
 def test_fixed_steps_on_the_knots_match_torchcde_rk4():
@@ -228,3 +231,133 @@ def test_other_adaptive_solvers_solve_cdes(name, tol):
     sol = nde.solve(nde.ControlTerm(f, path), cls(), t[0], t[-1], z0, dt0=0.01,
                     controller=nde.PIDController(rtol=1e-8, atol=1e-8))
     torch.testing.assert_close(sol.ys[-1], ref, rtol=tol, atol=tol)
+
+
+def _kinked(n=4, batch=2, seed=0):
+    """A linear path with knots at 0.1 k: times that reversed time cannot reach exactly (-0.3 + 0.1 != -0.2)."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.tensor([0.1 * k for k in range(n + 1)], dtype=D)
+    x = torch.randn(batch, n + 1, 2, generator=g, dtype=D).cumsum(1)
+    A = torch.randn(2, 3, 3, generator=g, dtype=D) * 0.4
+
+    def f(s, z):
+        return torch.stack([torch.tanh(z @ A[0]), torch.sin(z @ A[1])], -1)
+
+    return t, x, f, torch.randn(batch, 3, generator=g, dtype=D)
+
+
+def _order(errs):
+    return torch.log2(torch.tensor(errs[:-1]) / torch.tensor(errs[1:])).mean().item()
+
+
+def test_fixed_steps_keep_their_order_backwards_in_time_on_a_linear_path():
+    t, x, f, z0 = _kinked()
+    term = nde.ControlTerm(f, nde.LinearInterpolation(x, t))
+    pid = nde.PIDController(rtol=1e-12, atol=1e-12)
+    z1 = nde.solve(term, Tsit5(), 0.0, float(t[-1]), z0, controller=pid).ys[-1]
+    back = nde.solve(term, Tsit5(), float(t[-1]), 0.0, z1, controller=pid).ys[-1]
+    errs_f, errs_b = [], []
+    for k in (2, 4, 8):
+        fw = nde.solve(term, RK4(), 0.0, float(t[-1]), z0, dt0=0.1 / k).ys[-1]
+        bw = nde.solve(term, RK4(), float(t[-1]), 0.0, z1, dt0=-0.1 / k).ys[-1]
+        errs_f.append(float((fw - z1).abs().max()))
+        errs_b.append(float((bw - back).abs().max()))
+    assert 3.7 < _order(errs_f) < 4.5 and 3.7 < _order(errs_b) < 4.5, (errs_f, errs_b)
+
+
+def test_fixed_steps_stop_on_the_knots_unless_told_otherwise():
+    t, x, f, z0 = _kinked()
+    term = nde.ControlTerm(f, nde.LinearInterpolation(x, t))
+    for t0, t1, dt in ((0.0, float(t[-1]), 0.15), (float(t[-1]), 0.0, -0.15)):
+        sol = nde.solve(term, RK4(), t0, t1, z0, dt0=dt, saveat=nde.SaveAt(steps=True))
+        knots = t[1:] if t1 > t0 else t[:-1]
+        assert bool(torch.isin(knots, sol.ts).all()), sol.ts  # the knots 0.1 and 0.2 ... are step ends
+        grid = nde.solve(term, RK4(), t0, t1, z0, dt0=dt, saveat=nde.SaveAt(steps=True),
+                         controller=nde.ConstantStepSize(land_on_jumps=False))
+        assert grid.ts.numel() == 3  # 0.15, 0.3, 0.4 (or backwards): straight across the knots
+        ind = nde.solve(term, RK4(), t0, t1, z0, dt0=dt, saveat=nde.SaveAt(ts=[t1]), batch_mode="independent")
+        torch.testing.assert_close(ind.ys[-1], sol.ys[-1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["linear", "rectilinear"])
+def test_backsolve_gradients_on_kinked_paths_converge_to_direct_backpropagation(kind):
+    t, x, f, z0 = _kinked()
+    if kind == "rectilinear":
+        data = torch.cat([t.expand(2, -1).unsqueeze(-1), x[..., :1]], -1)
+        coeffs = nde.rectilinear_interpolation_coeffs(data, 0)
+        knots, end = None, float(coeffs.shape[-2] - 1)
+    else:
+        coeffs, knots, end = x, t, float(t[-1])
+    coeffs = coeffs.clone().requires_grad_(True)
+
+    def grads(adjoint, dt):
+        zz = z0.clone().requires_grad_(True)
+        term = nde.ControlTerm(f, nde.LinearInterpolation(coeffs, knots))
+        y = nde.solve(term, RK4(), 0.0, end, zz, dt0=dt, adjoint=adjoint).ys[-1]
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(y.pow(2).sum(), [zz, coeffs])])
+
+    piece = 0.1 if kind == "linear" else 1.0
+    errs = []
+    for k in (1, 2, 4):
+        direct = grads(nde.DirectAdjoint(), piece / k)
+        errs.append(float((grads(nde.BacksolveAdjoint(), piece / k) - direct).norm() / direct.norm()))
+    # the continuous adjoint's discretisation error only: fourth order in the step (first order before the
+    # backward solve saw the path from inside its steps)
+    assert errs[-1] < 1e-3 and _order(errs) > 3.0, errs
+
+
+@pytest.mark.parametrize("solver", ["ReversibleHeun", "Reversible(RK4)", "Reversible(Tsit5)"])
+@pytest.mark.parametrize("kind", ["linear", "rectilinear"])
+def test_reversible_adjoints_are_exact_on_kinked_paths_in_both_directions(solver, kind):
+    from nde.solvers import Reversible, ReversibleHeun
+
+    t, x, f, z0 = _kinked()
+    if kind == "rectilinear":
+        coeffs = nde.rectilinear_interpolation_coeffs(torch.cat([t.expand(2, -1).unsqueeze(-1), x[..., :1]], -1), 0)
+        knots = None
+    else:
+        coeffs, knots = x, t
+    make = {"ReversibleHeun": ReversibleHeun, "Reversible(RK4)": lambda: Reversible(RK4()),
+            "Reversible(Tsit5)": lambda: Reversible(Tsit5())}[solver]
+    path0 = nde.LinearInterpolation(coeffs, knots)
+    end = path0.t1
+    for t0, t1 in ((0.0, end), (end, 0.0)):
+        out = []
+        for adjoint in (nde.DirectAdjoint(), nde.ReversibleAdjoint()):
+            cc, zz = coeffs.clone().requires_grad_(True), z0.clone().requires_grad_(True)
+            term = nde.ControlTerm(f, nde.LinearInterpolation(cc, knots))
+            y = nde.solve(term, make(), t0, t1, zz, dt0=(t1 - t0) / 16, adjoint=adjoint).ys[-1]
+            out.append(torch.autograd.grad(y.pow(2).sum(), [zz, cc]))
+        for a, b in zip(*out):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name,order", [("ImplicitEuler", 1), ("Trapezoid", 2), ("SDIRK2", 2), ("Kvaerno3", 3)])
+def test_implicit_solvers_converge_on_a_cde(name, order):
+    import nde.solvers as solvers
+
+    x, t = _series(batch=2, length=6)
+    path = nde.CubicSpline(nde.hermite_cubic_coefficients_with_backward_differences(x * 0.3, t), t)
+    f = Field(width=4).to(D)
+    z0 = torch.zeros(2, 3, dtype=D)
+    T = float(t[-1] - t[0])
+    term = nde.ControlTerm(f, path)
+    ref = nde.solve(term, Tsit5(), t[0], t[-1], z0, controller=nde.PIDController(rtol=1e-12, atol=1e-12)).ys[-1]
+    errs = [float((nde.solve(term, getattr(solvers, name)(), t[0], t[-1], z0, dt0=T / n).ys[-1] - ref).abs().max())
+            for n in (40, 80)]
+    emp = _order(errs)
+    assert order - 0.3 < emp < order + 1.0, (errs, emp)
+
+
+def test_the_control_product_is_the_matrix_product_to_second_order():
+    from nde._terms import matrix_vector
+
+    g = torch.randn(3, 4, 2, dtype=D, requires_grad=True)
+    x = torch.randn(3, 2, dtype=D, requires_grad=True)
+    torch.testing.assert_close(matrix_vector(g, x), (g @ x.unsqueeze(-1)).squeeze(-1))
+    assert torch.autograd.gradcheck(matrix_vector, (g, x))
+    assert torch.autograd.gradgradcheck(matrix_vector, (g, x))
+    with torch.no_grad():
+        torch.testing.assert_close(matrix_vector(g, x), (g @ x.unsqueeze(-1)).squeeze(-1))
+    # a path shared by the batch: the vector broadcasts against the matrices
+    torch.testing.assert_close(matrix_vector(g, x[0]), (g @ x[0].unsqueeze(-1)).squeeze(-1))

@@ -113,7 +113,7 @@ def test_derivatives_match_finite_differences():
             torch.testing.assert_close(path.derivative(s), fd, rtol=1e-6, atol=1e-6)
 
 
-def test_cubic_spline_reproduces_cubic_polynomials_exactly():
+def test_cubic_spline_evaluates_given_cubic_coefficients_exactly():
     # coefficients of p(t) = 1 - 2t + 0.5 t^2 + 0.3 t^3 re-expanded around every knot
     t = torch.tensor([0.0, 0.3, 1.1, 1.5, 2.9, 4.0], dtype=D)
     p = lambda s: 1 - 2 * s + 0.5 * s**2 + 0.3 * s**3  # noqa: E731
@@ -124,12 +124,44 @@ def test_cubic_spline_reproduces_cubic_polynomials_exactly():
     q = torch.linspace(0, 4, 57, dtype=D)
     torch.testing.assert_close(path.evaluate(q)[..., 0], p(q), rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(path.derivative(q)[..., 0], dp(q), rtol=1e-13, atol=1e-13)
-    # a natural spline reproduces straight lines exactly, and the Hermite spline too
+
+
+def test_natural_splines_reproduce_natural_cubic_splines_and_hermite_splines_lines():
+    # A natural cubic spline is the one C^2 piecewise cubic with S'' = 0 at both ends through its data, so
+    # sampling such a function at its knots and interpolating gives it back exactly. (A single cubic
+    # polynomial with p'' = 0 at both ends is a line: no spline reproduces every cubic.) Build one
+    # independently: S(t) = a + b t + sum_k c_k (t - t_k)_+^3, with sum_k c_k (t_N - t_k) = 0.
+    g = torch.Generator().manual_seed(0)
+    t = torch.tensor([0.0, 0.4, 0.9, 1.7, 2.2, 3.1, 4.0], dtype=D)
+    c = torch.randn(len(t) - 1, 2, dtype=D, generator=g)
+    c[-1] = -(c[:-1] * (t[-1] - t[:-2]).unsqueeze(-1)).sum(0) / (t[-1] - t[-2])
+    a, b = torch.randn(2, dtype=D, generator=g), torch.randn(2, dtype=D, generator=g)
+
+    def S(s):
+        return a + b * s.unsqueeze(-1) + (c * (s.unsqueeze(-1) - t[:-1]).clamp(min=0).unsqueeze(-1) ** 3).sum(-2)
+
+    def dS(s):
+        return b + (3 * c * (s.unsqueeze(-1) - t[:-1]).clamp(min=0).unsqueeze(-1) ** 2).sum(-2)
+
+    q = torch.linspace(0, 4, 81, dtype=D)
+    for fn in (natural_cubic_coeffs, natural_cubic_spline_coeffs):
+        sp = CubicSpline(fn(S(t), t), t)
+        torch.testing.assert_close(sp.evaluate(q), S(q), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(sp.derivative(q), dS(q), rtol=1e-11, atol=1e-11)
+    # ... but not a cubic whose second derivative does not vanish at the ends
+    cubic = (t**3).unsqueeze(-1)
+    off = CubicSpline(natural_cubic_coeffs(cubic, t), t).evaluate(q)[..., 0] - q**3
+    assert off.abs().max() > 1e-2
+    # Hermite splines with backward differences and linear interpolation reproduce lines (and only lines:
+    # the backward differences lag behind a curve)
     line = (3 - 2 * t).unsqueeze(-1)
-    for c in (natural_cubic_coeffs(line, t), hermite_cubic_coefficients_with_backward_differences(line, t)):
-        sp = CubicSpline(c, t)
+    for sp in (CubicSpline(hermite_cubic_coefficients_with_backward_differences(line, t), t),
+               CubicSpline(natural_cubic_coeffs(line, t), t), LinearInterpolation(linear_interpolation_coeffs(line, t), t)):
         torch.testing.assert_close(sp.evaluate(q)[..., 0], 3 - 2 * q, rtol=1e-13, atol=1e-13)
         torch.testing.assert_close(sp.derivative(q)[..., 0], torch.full_like(q, -2.0), rtol=1e-12, atol=1e-12)
+    square = (t**2).unsqueeze(-1)
+    herm = CubicSpline(hermite_cubic_coefficients_with_backward_differences(square, t), t).evaluate(q)[..., 0]
+    assert (herm - q**2).abs().max() > 1e-2
 
 
 def test_natural_spline_converges_at_fourth_order_inside():
@@ -258,6 +290,33 @@ def test_errors_name_the_argument():
         x2 = x.clone()
         x2[0, 1, 0] = float("nan")
         rectilinear_interpolation_coeffs(x2, 0)
-    path = CubicSpline(natural_cubic_coeffs(x))
-    with pytest.raises(ValueError, match="batch shape"):
+    knots = torch.linspace(0, 1, x.shape[-2]).expand(x.shape[:-1])  # one grid a series
+    path = CubicSpline(natural_cubic_coeffs(x, knots), knots)
+    with pytest.raises(ValueError, match=r"per-series knots.*= \(2, 1\)\); got shape \(3, 1\)"):
         path.evaluate(torch.zeros(3, 1))
+
+
+def test_times_of_any_shape_as_in_torchcde():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 7, 3, dtype=torch.float64, generator=g)
+    t = torch.linspace(0, 3, 7, dtype=torch.float64)
+    for path, ref in ((LinearInterpolation(linear_interpolation_coeffs(x, t), t),
+                       torchcde.LinearInterpolation(torchcde.linear_interpolation_coeffs(x, t), t)),
+                      (CubicSpline(natural_cubic_coeffs(x, t), t),
+                       torchcde.CubicSpline(torchcde.natural_cubic_coeffs(x, t), t))):
+        for shape in ((), (4,), (3, 1), (2, 3), (1, 2, 2)):
+            s = torch.rand(shape, dtype=torch.float64, generator=g) * 4 - 0.5
+            assert path.evaluate(s).shape == (2, *shape, 3)
+            torch.testing.assert_close(path.evaluate(s), ref.evaluate(s))
+            torch.testing.assert_close(path.derivative(s), ref.derivative(s))
+        # one time a series (independent batch mode): batch shape followed by ones
+        s = torch.tensor([[0.5], [2.0]], dtype=torch.float64)
+        torch.testing.assert_close(path.evaluate(s), torch.stack([ref.evaluate(s[0, 0])[0], ref.evaluate(s[1, 0])[1]]))
+
+
+def test_missing_time_in_a_rectilinear_path_raises_as_torchcde_does():
+    x = torch.rand(2, 4, 2)
+    x[0, 1, 0] = float("nan")
+    for error in (ValueError, AssertionError):
+        with pytest.raises(error, match="time channel"):
+            linear_interpolation_coeffs(x, rectilinear=0)
