@@ -25,9 +25,10 @@ from ._controllers import ConstantStepSize, PIDController, _snap_tol, _term_jump
 from ._interpolation import TupleControl
 from ._odeint import _run as _run_joint
 from ._odeint import (
-    _METHODS, _adaptive_setup, _check_method, _check_state, _check_t, _fixed_setup, _interp_linear, _make_adjoint,
-    _make_solver, _Plan, _split_options, _tol, _unflat_out,
+    _METHODS, _adaptive_setup, _check_method, _check_state, _check_t, _fixed_setup, _make_solver, _Plan,
+    _split_options, _tol, _unflat_out,
 )
+from ._odeint_steps import with_interpolation
 from ._path import AbstractPath
 from ._saveat import SaveAt
 from ._terms import ControlTerm, ODEForm, ODETerm, control_derivative, matrix_vector
@@ -431,9 +432,9 @@ def _new_plan(term, func, y, flat, t, tl, method, rtol, atol, options):
     P.options = options
     P.event = None
     P.cell = None
+    P.callbacks = None
     P.field = term
     P.t0, P.t1 = tl[0], tl[-1]
-    P.linear = False
     return P
 
 
@@ -449,6 +450,8 @@ def _fixed_steps(P, ours, land_on_jumps):
     _fixed_setup(P, ours)
     P.user_func = func
     P.controller = _Grid(P.controller.grid)
+    # outputs between grid points: torchdiffeq's interpolant of the step's ends
+    P.solver = with_interpolation(P.solver, ours.get("interp", "linear"))
 
 
 def _plan_torchdiffeq(term, func, y, flat, t, tl, adjoint, backend, kwargs):
@@ -485,8 +488,30 @@ def _plan_torchdiffeq(term, func, y, flat, t, tl, adjoint, backend, kwargs):
                 "adjoint_options too."
             )
         params = () if adjoint_params is None else tuple(p for p in adjoint_params if p.requires_grad)
-        adj = _make_adjoint(P, adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options, params)
+        adj = _backsolve(P, adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options, params)
     return P, adj
+
+
+def _backsolve(P, rtol, atol, method, adjoint_options, params):
+    """torchcde's adjoint (torchdiffeq's ``odeint_adjoint``): the continuous adjoint solved by ``method``."""
+    from ._backsolve import BacksolveAdjoint
+
+    aopts = {} if adjoint_options is None else dict(adjoint_options)
+    norm = aopts.pop("norm", None)
+    if norm is None:
+        norm = "rms"
+    if norm not in ("seminorm", "rms"):
+        raise ValueError(f"adjoint_options['norm'] must be 'seminorm' or 'rms'; got {norm!r}.")
+    method = _check_method(method)
+    if _METHODS[method][0] == "scipy":
+        raise ValueError("adjoint_method='scipy_solver' is not differentiable; pick an nde method such as 'dopri5'.")
+    ours, solver_kw = _split_options(method, aopts, name="adjoint_options") if aopts else ({}, {})
+    solver = _make_solver(method, solver_kw)
+    rt = _tol(rtol, "adjoint_rtol", P.flat, P.y)
+    at = _tol(atol, "adjoint_atol", P.flat, P.y)
+    if not isinstance(rt, float) or not isinstance(at, float):
+        raise ValueError("adjoint_rtol and adjoint_atol must be numbers.")
+    return BacksolveAdjoint(rtol=rt, atol=at, solver=solver, norm=norm, params=params)
 
 
 def _plan_torchsde(term, func, y, flat, t, tl, adjoint, kwargs):
@@ -615,7 +640,7 @@ def _fixed_step_backsolve(dt, **kwargs):
     from ._backsolve import BacksolveAdjoint
 
     class FixedStepBacksolve(BacksolveAdjoint):
-        def backward_controller(self, problem, n_head, solver=None):
+        def backward_controller(self, problem, n_head, solver=None, **kwargs):
             return ConstantStepSize(), dt
 
     return FixedStepBacksolve(**kwargs)
@@ -631,7 +656,7 @@ def _run(P, adjoint, batch_mode):
         raise ValueError("batch_mode='independent' needs an nde method, and t not requiring grad.")
     sol = solve(P.field, P.solver, P.t0, P.t1, P.y, dt0=P.dt0, saveat=P.saveat, controller=P.controller,
                 adjoint=adjoint, max_steps=P.max_steps, batch_mode=batch_mode, batch_ndim=max(P.y.dim() - 1, 0))
-    return _interp_linear(P.grid, sol.ys, P.t.detach() * P.sign) if P.linear else sol.ys
+    return sol.ys
 
 
 __all__ = ["cdeint", "InterpolationBase", "TupleControl"]

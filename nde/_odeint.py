@@ -895,7 +895,7 @@ class _DropinBacksolve(BacksolveAdjoint):
         super().__init__(**kw)
         self._back = back
 
-    def backward_controller(self, problem, n_head, solver=None):
+    def backward_controller(self, problem, n_head, solver=None, **kwargs):
         return self._back.controller(problem)
 
 
