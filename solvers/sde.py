@@ -173,8 +173,11 @@ class EulerMaruyama(AbstractSDESolver):
             # the common case in two fused operations: y0 + f dt + g * dW
             drift, diff = parts
             dW = _contr(diff, t0, t1, y0)
+            g = diff.vf(tt, y0, args)
+            if not diff._prod_checked:
+                diff._check_prod(g, dW)
             y1 = torch.add(y0, drift.vf(tt, y0, args), alpha=t1 - t0)
-            y1 = torch.addcmul(y1, diff.vf(tt, y0, args), dW)
+            y1 = torch.addcmul(y1, g, dW)
             return y1, None, {"y0": y0, "y1": y1}, None, 1
         y1 = y0
         for term in parts:
