@@ -104,12 +104,16 @@ def _hash_normal(key, counter):
 
 
 def _hash_normal_range(key, n, device):
-    """``_hash_normal(key, arange(n))``, computing each Box--Muller pair once."""
+    """``_hash_normal(key, arange(n))``, computing each Box--Muller pair once.
+
+    ``key`` is a 0-d int64 tensor (returns ``(n,)``) or a 1-d one of ``L`` keys (returns ``(L, n)``)."""
     pairs = (n + 1) // 2
-    u1, u2 = _uniform_pair(key, torch.arange(pairs, dtype=torch.int64, device=device))
+    keys = key.reshape(-1, 1)
+    u1, u2 = _uniform_pair(keys, torch.arange(pairs, dtype=torch.int64, device=device))
     rad = torch.sqrt(-2.0 * torch.log(u1))
     ang = (2 * math.pi) * u2
-    return torch.stack([rad * torch.cos(ang), rad * torch.sin(ang)], -1).reshape(-1)[:n]
+    out = torch.stack([rad * torch.cos(ang), rad * torch.sin(ang)], -1).reshape(keys.shape[0], -1)[:, :n]
+    return out.reshape(n) if key.dim() == 0 else out
 
 
 def _float_bits(x):
@@ -363,9 +367,12 @@ class BrownianInterval(AbstractPath):
         """``(W, A)``: the increment and the space-space Lévy area over the interval between ``t0`` and ``t1``.
 
         ``A_ij = 1/2 int (W_i dW_j - W_j dW_i)`` has shape ``shape + (m,)`` (``m = shape[-1]``),
-        approximated from the increment and space-time Lévy area ``H`` (Davie 2014):
-        ``A = H W^T - W H^T + s (N - N^T)`` with ``N`` standard normal, ``s = h / sqrt(12)``
-        (``levy_area="davie"``) or ``s_ij = sqrt(h/10 (h/10 + H_i^2 + H_j^2))`` (``"foster"``, Foster 2020).
+        approximated from the increment and space-time Lévy area ``H``:
+        ``A_ij = H_i W_j - W_i H_j + s_ij lambda_ij`` with ``lambda`` antisymmetric, standard normal above
+        the diagonal, and ``s_ij^2 = h^2 / 12`` (``levy_area="davie"``, Davie 2014) or
+        ``s_ij^2 = h^2 / 20 + h (H_i^2 + H_j^2) / 5`` (``"foster"``, Foster 2020, Gaussian variant). Both
+        have the exact variance ``E[A_ij^2] = h^2 / 4``. (torchsde's own ``BrownianInterval`` scales the
+        noise differently; pass it as ``bm`` to ``nde.sdeint`` to reproduce its paths.)
         For ``t1 < t0`` both are those of the reversed path: ``(-W, -A)`` of ``[t1, t0]``.
         """
         if not self._area:
@@ -386,13 +393,13 @@ class BrownianInterval(AbstractPath):
                    _float_bits(lb[2]), bits=64)
         noise = _hash_normal_range(torch.tensor(_s64(key), dtype=torch.int64, device=self.device),
                                    math.prod(self.shape) * m, self.device).reshape(self.shape + (m,))
-        noise = noise - noise.transpose(-1, -2)
+        noise = (noise - noise.transpose(-1, -2)) * (1 / math.sqrt(2))  # unit variance off the diagonal
         h = b - a
         if self.levy_area == "davie":
             std = math.sqrt(h * h / 12)
         else:
             H2 = H64 * H64
-            std = ((0.1 * h) * (0.1 * h + H2.unsqueeze(-1) + H2.unsqueeze(-2))).sqrt()
+            std = (h * h / 20 + (h / 5) * (H2.unsqueeze(-1) + H2.unsqueeze(-2))).sqrt()
         A = H64.unsqueeze(-1) * W64.unsqueeze(-2) - W64.unsqueeze(-1) * H64.unsqueeze(-2) + std * noise
         A = A.to(self.dtype)
         return (-W, -A) if flip else (W, A)
@@ -522,11 +529,12 @@ class BrownianInterval(AbstractPath):
             return torch.tensor(_s64(_mix(seed, 2, k, d, idx, bits=64)), dtype=torch.int64)
         return _tmix(seed, 2, k, d, idx)
 
+    def _leaf_int_key(self, k, j, th):
+        return _mix(self.seed & ((1 << 63) - 1), 3, k, j, _float_bits(th), bits=64)
+
     def _leaf_key(self, k, j, th):
-        seed = self.seed & ((1 << 63) - 1)
-        if isinstance(k, int):
-            return torch.tensor(_s64(_mix(seed, 3, k, j, _float_bits(th), bits=64)), dtype=torch.int64)
-        return _tmix(seed, 3, k, j, _float_bits(th))
+        """Per-row keys (int64 tensors) of the noise below the leaves."""
+        return _tmix(self.seed & ((1 << 63) - 1), 3, k, j, _float_bits(th))
 
     def _split(self, W, I, z, width):
         """The two halves ``((W, I), (W, I))`` of an interval of ``width`` given its ``(W, I)`` and noise ``z``.
@@ -565,37 +573,60 @@ class BrownianInterval(AbstractPath):
         I1 = si * (k21 * Wn + k22 * In + l21 * z[0] + l22 * z[1])
         return W1, I1
 
-    def _children(self, k, d, idx, parent, width):
+    def _children(self, k, d, idx, parent, width, z=None):
         key = (k, d + 1, 2 * idx)
         left = self._nodes.get(key)
         right = self._nodes.get((k, d + 1, 2 * idx + 1))
         if left is not None and right is not None:
             return left, right
         W, I = parent
-        ncomp = 2 if self._levy else 1
-        numel = max(1, math.prod(self.shape))
-        z = _hash_normal_range(self._node_key(k, d, idx).to(self.device), ncomp * numel,
-                               self.device).reshape((ncomp,) + self.shape)
+        if z is None:
+            z = self._noise([_s64(self._node_int_key(k, d, idx))])[0]
         left, right = self._split(W, I, z, width)
         self._nodes.put(key, left)
         self._nodes.put((k, d + 1, 2 * idx + 1), right)
         return left, right
 
-    def _inside(self, k, j, leaf=False):
+    def _node_int_key(self, k, d, idx):
+        return _mix(self.seed & ((1 << 63) - 1), 2, k, d, idx, bits=64)
+
+    def _noise(self, keys):
+        """Bridge noise ``(len(keys), ncomp, *shape)`` for a list of signed 64-bit keys, in one draw."""
+        ncomp = 2 if self._levy else 1
+        n = ncomp * max(1, math.prod(self.shape))
+        kt = torch.tensor(keys, dtype=torch.int64, device=self.device)
+        return _hash_normal_range(kt, n, self.device).reshape((len(keys), ncomp) + self.shape)
+
+    def _inside(self, k, j, leaf=False, extra_key=None):
         """``(W(a, s), I(a, s))`` from the start ``a`` of cell ``k`` to the start ``s`` of leaf ``j``
-        (None when ``s == a``), and with ``leaf`` also the leaf's own ``(W, I)``."""
+        (None when ``s == a``), the leaf's own ``(W, I)`` (with ``leaf``; otherwise the node where the
+        descent stopped) and, for ``extra_key``, that key's noise drawn with the missing bridge levels."""
         D = self.depth
         width = self._cell_width(k)
-        node = self._cell(k)
-        d, idx = 0, 0
-        accW = accI = None
-        while d < D:
-            if not leaf and j == idx << (D - d):
+        # the levels to descend: all of them to reach the leaf, else until s is a node's left edge
+        if leaf:
+            stop = D
+        elif j == 0:
+            stop = 0
+        else:
+            stop = D - ((j & -j).bit_length() - 1)
+        idxs = [j >> (D - d) for d in range(stop)]
+        # the first level whose children are not cached: its noise and all deeper levels' in one draw
+        first = stop
+        for d in range(stop):
+            if self._nodes.get((k, d + 1, 2 * idxs[d])) is None or self._nodes.get((k, d + 1, 2 * idxs[d] + 1)) is None:
+                first = d
                 break
+        keys = [_s64(self._node_int_key(k, d, idxs[d])) for d in range(first, stop)]
+        if extra_key is not None:
+            keys.append(extra_key)
+        z = self._noise(keys) if keys else None
+        node = self._cell(k)
+        accW = accI = None
+        for d in range(stop):
             w = width / (1 << d)
-            left, right = self._children(k, d, idx, node, w)
-            bit = (j >> (D - d - 1)) & 1
-            if bit:
+            left, right = self._children(k, d, idxs[d], node, w, None if d < first else z[d - first])
+            if (j >> (D - d - 1)) & 1:
                 lw, li = left
                 if accW is None:
                     accW, accI = lw, li
@@ -603,11 +634,10 @@ class BrownianInterval(AbstractPath):
                     if self._levy:
                         accI = accI + (w / 2) * accW + li
                     accW = accW + lw
-                node, idx = right, 2 * idx + 1
+                node = right
             else:
-                node, idx = left, 2 * idx
-            d += 1
-        return accW, accI, node
+                node = left
+        return accW, accI, node, (None if extra_key is None else z[-1])
 
     def _point(self, k, j, th, t):
         """``(W(t), J(t))`` at the located time (float64, cached); ``J(t) = int_{t0}^t W``."""
@@ -617,13 +647,11 @@ class BrownianInterval(AbstractPath):
             return v
         W, J = self._grid_value(k)
         if j or th:
-            aw, ai, (lw, li) = self._inside(k, j, leaf=th > 0)
+            extra = _s64(self._leaf_int_key(k, j, th)) if th > 0 else None
+            aw, ai, (lw, li), z = self._inside(k, j, leaf=th > 0, extra_key=extra)
             a = self._t0 + k * self.dt
             if th > 0:
                 r = self._cell_width(k) / (1 << self.depth)
-                ncomp = 2 if self._levy else 1
-                z = _hash_normal_range(self._leaf_key(k, j, th).to(self.device), ncomp * max(1, math.prod(self.shape)),
-                                       self.device).reshape((ncomp,) + self.shape)
                 sw, si = self._sub_leaf(lw, li, z, th, r)
                 s_leaf = a + self._cell_width(k) * j / (1 << self.depth)
                 if aw is None:
