@@ -61,7 +61,7 @@ COMMUTATIVE = [
 ]
 
 
-@pytest.mark.parametrize("noise", ["diagonal", pytest.param("scalar", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("noise", ["diagonal", "scalar"])
 @pytest.mark.parametrize("solver,kind,order", COMMUTATIVE, ids=lambda x: repr(x) if not isinstance(x, (str, float)) else None)
 def test_strong_order_commutative_noise_against_exact_solution(solver, kind, order, noise):
     terms, y0, ito, strat = _gbm(noise, levy="space-time" if isinstance(solver, S.SRID2) else "none")
