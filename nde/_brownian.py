@@ -234,7 +234,7 @@ class BrownianInterval(AbstractPath):
         ``"none"``, ``"space-time"`` (``H``), or ``"davie"`` / ``"foster"`` (``H`` and the
         space-space area ``A`` from :meth:`evaluate_area`).
     dtype, device:
-        Of the returned tensors (sampling is done in float64).
+        Of the returned tensors (sampling is done in float64); dtype None is torch's default dtype.
     dt:
         Width of the cells; None uses ``(t1 - t0) / 256``. Pass the step size of fixed-step solves.
     depth:
@@ -244,10 +244,34 @@ class BrownianInterval(AbstractPath):
         is raised until leaves are at most ``dt_min / 4`` wide (step doubling queries half steps).
     cache_size:
         Number of bridge nodes and point values kept (LRU); None keeps 256, or more for small shapes.
+    size, entropy, levy_area_approximation:
+        torchsde's names of ``shape``, ``seed`` and ``levy_area`` (so ``import nde as torchsde`` scripts
+        construct it unchanged, and ``bm(ta, tb, return_U=..., return_A=...)`` works as in torchsde);
+        torchsde's ``tol``, ``pool_size``, ``halfway_tree`` are accepted and have no effect.
     """
 
-    def __init__(self, t0, t1, shape, seed=None, levy_area="none", dtype=torch.float32, device=None, dt=None,
-                 depth=None, dt_min=None, cache_size=None, chunk_elements=1 << 21):
+    def __init__(self, t0, t1, shape=None, seed=None, levy_area="none", dtype=None, device=None, dt=None,
+                 depth=None, dt_min=None, cache_size=None, chunk_elements=1 << 21, *, size=None, entropy=None,
+                 levy_area_approximation=None, tol=None, pool_size=None, halfway_tree=None, W=None, H=None):
+        # torchsde's keywords (size, entropy, levy_area_approximation; tol, pool_size and halfway_tree
+        # tune torchsde's own tree and have no counterpart: this path is exact and order-independent)
+        if size is not None:
+            if shape is not None:
+                raise TypeError("Pass either shape or size (its torchsde name), not both.")
+            shape = size
+        if shape is None:
+            raise TypeError("BrownianInterval needs the shape of W(t): shape=(batch, m) (or torchsde's size=).")
+        if entropy is not None:
+            if seed is not None:
+                raise TypeError("Pass either seed or entropy (its torchsde name), not both.")
+            seed = entropy
+        if levy_area_approximation is not None:
+            levy_area = levy_area_approximation
+        if W is not None or H is not None:
+            raise ValueError("Conditioning the Brownian motion on its final value (torchsde's W=/H=) is not "
+                             "supported by nde.BrownianInterval; use torchsde.BrownianInterval for that.")
+        if dtype is None:
+            dtype = torch.get_default_dtype()
         t0, t1 = float(t0), float(t1)
         if not (math.isfinite(t0) and math.isfinite(t1)) or not t0 < t1:
             raise ValueError(f"BrownianInterval needs finite t0 < t1; got t0={t0}, t1={t1}.")
@@ -338,8 +362,26 @@ class BrownianInterval(AbstractPath):
         return (f"BrownianInterval(t0={self._t0}, t1={self._t1}, shape={self.shape}, levy_area={self.levy_area!r}, "
                 f"dt={self.dt}, depth={self.depth}, dtype={self.dtype})")
 
-    def __call__(self, ta, tb=None, use_levy=False):
-        return self.evaluate(ta, tb, use_levy=use_levy)
+    @property
+    def levy_area_approximation(self):
+        """torchsde's name of :attr:`levy_area`."""
+        return self.levy_area
+
+    def __call__(self, ta, tb=None, use_levy=False, return_U=False, return_A=False):
+        """:meth:`evaluate`, or torchsde's convention with ``return_U`` / ``return_A``: ``W``, ``(W, U)``,
+        ``(W, A)`` or ``(W, U, A)`` over ``[ta, tb]`` (``[t0, ta]`` when ``tb`` is None) with
+        ``U = int (W(r) - W(ta)) dr`` and ``A`` the space-space Lévy area."""
+        if not (return_U or return_A):
+            return self.evaluate(ta, tb, use_levy=use_levy)
+        if tb is None:
+            ta, tb = self._t0, ta
+        if return_A:
+            W, A = self.evaluate_area(ta, tb)
+        if return_U:
+            W, H = self.evaluate(ta, tb, use_levy=True)
+            U = (_scalar(tb) - _scalar(ta)) * (H + 0.5 * W)
+            return (W, U, A) if return_A else (W, U)
+        return W, A
 
     def evaluate(self, t0, t1=None, left=True, use_levy=False):
         """``W(t0)`` (with ``W(self.t0) = 0``), or the increment ``W(t1) - W(t0)``.
