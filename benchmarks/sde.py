@@ -3,13 +3,20 @@
 Batch 256, 16-dimensional state, diagonal noise, drift and diffusion 2-hidden-layer width-64 MLPs,
 100 steps on [0, 1], forward + backward of the final state's squared norm.
 
-Run: ``python benchmarks/sde.py`` (prints a table of median wall times and ratios).
+Run: ``python benchmarks/sde.py`` (prints a table of median wall times and ratios). Memory is the
+peak resident-memory growth of a fresh subprocess over one forward + backward (``ru_maxrss``), next to
+the peak bytes held by autograd's saved tensors.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -191,16 +198,59 @@ def main(repeats=5, steps=100):
     print(f"{'nde.sdeint_adjoint midpoint (stochastic adjoint)':55s} {t_na * 1e3:10.1f}   ratio to torchsde {t_na / t_ta:.2f}")
     print(f"{'torchsde.sdeint_adjoint midpoint':55s} {t_ta * 1e3:10.1f}")
     m100, m1000 = peak(nde_rev(100)), peak(nde_rev(1000))
-    print(f"nde peak autograd memory: 100 steps {m100 / 2**20:.2f} MiB, 1000 steps {m1000 / 2**20:.2f} MiB, "
+    print(f"nde peak autograd saved tensors: 100 steps {m100 / 2**20:.2f} MiB, 1000 steps {m1000 / 2**20:.2f} MiB, "
           f"ratio {m1000 / m100:.2f}")
     d100 = peak(nde_direct(100))
     d1000 = peak(nde_direct(1000))
     print(f"(DirectAdjoint for comparison: 100 steps {d100 / 2**20:.2f} MiB, 1000 steps {d1000 / 2**20:.2f} MiB)")
+    print("peak process memory growth over one forward + backward (fresh subprocess, ru_maxrss):")
+    for kind in ("nde_reversible", "torchsde_reversible", "nde_direct"):
+        r100, r1000 = rss_growth(kind, 100), rss_growth(kind, 1000)
+        print(f"  {kind:22s} 100 steps {r100:7.1f} MiB, 1000 steps {r1000:7.1f} MiB, ratio {r1000 / r100:.2f}")
+
+
+def rss_growth(kind, steps):
+    """Peak resident-memory growth (MiB) of one forward + backward, measured in a fresh subprocess."""
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", kind, str(steps)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["growth_mib"]
+
+
+def memory_child(kind, steps):
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    sde = SDE("stratonovich")
+    y0 = torch.randn(B, D)
+    ts = torch.tensor([0.0, 1.0])
+    dt = 1.0 / steps
+    if kind.startswith("nde"):
+        bm = BrownianInterval(0.0, 1.0, (B, D), seed=0, dt=dt)
+        terms = MultiTerm(ODETerm(sde.f), ControlTerm(sde.g, bm, noise="diagonal"))
+        adjoint = nde.ReversibleAdjoint() if kind == "nde_reversible" else nde.DirectAdjoint()
+
+        def run():
+            sol = nde.solve(terms, ReversibleHeun(), 0.0, 1.0, y0, dt0=dt, adjoint=adjoint)
+            sol.ys[-1].pow(2).sum().backward()
+    else:
+        bm = torchsde.BrownianInterval(0.0, 1.0, (B, D), dt=dt)
+
+        def run():
+            ys = torchsde.sdeint_adjoint(sde, y0, ts, bm=bm, method="reversible_heun",
+                                         adjoint_method="adjoint_reversible_heun", dt=dt)
+            ys[-1].pow(2).sum().backward()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    run()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"growth_mib": (after - before) / 1024}))  # ru_maxrss is in KiB on Linux
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--memory-child", nargs=2, metavar=("KIND", "STEPS"), help=argparse.SUPPRESS)
     a = ap.parse_args()
-    main(a.repeats, a.steps)
+    if a.memory_child:
+        memory_child(a.memory_child[0], int(a.memory_child[1]))
+    else:
+        main(a.repeats, a.steps)

@@ -286,10 +286,18 @@ class SDEGenerator(nn.Module):
 class CDEDiscriminator(nn.Module):
     """The discriminator of an SDE-GAN: a neural CDE driven by the (time-augmented) path, linearly interpolated.
 
-    ``h0 = xi(t0, y0)``, ``dh = f(t, h) dt + g(t, h) dY``, score ``m . h(T)``; LipSwish MLPs, and
-    :meth:`clip_weights` keeps every linear layer's weights in ``[-1/fan_in, 1/fan_in]`` (Lipschitz control
-    for the Wasserstein loss). The CDE is solved on the observation grid with Heun steps of the
-    piecewise-linear control.
+    ``h0 = xi(t0, y0)``, ``dh = f(t, h) dt + g(t, h) dY``, score ``m . h(T)``, with ``Y`` the linear
+    interpolation (:class:`nde.LinearInterpolation`) of ``(t, y_t)`` through the observations; LipSwish
+    MLPs, and :meth:`clip_weights` keeps every linear layer's weights in ``[-1/fan_out, 1/fan_out]``
+    (Lipschitz control for the Wasserstein loss).
+
+    Since ``dt`` is the first channel of ``dY``, the equation is the CDE ``dh = G(t, h) dY`` with
+    ``G = g`` plus ``f`` in its first column: one :class:`nde.ControlTerm` over the interpolation,
+    solved by :func:`nde.solve` with Heun steps from knot to knot. A CDE does not depend on how its
+    control is parametrised, so the path is indexed by the observation number (knots at the integers,
+    steps of exactly 1) and ``G`` receives the physical time ``t``.
+
+    Kidger, Foster, Li, Oberhauser & Lyons (2021), "Neural SDEs as infinite-dimensional GANs", ICML.
     """
 
     def __init__(self, data_size: int, hidden_size: int = 16, width: int = 32, depth: int = 1):
@@ -301,33 +309,46 @@ class CDEDiscriminator(nn.Module):
                          final=nn.Tanh())
         self.readout = nn.Linear(hidden_size, 1)
 
+    def f(self, t, h):
+        """The drift ``f(t, h)``."""
+        return self.f_net(_with_time(t, h))
+
+    def g(self, t, h):
+        """The matrix ``g(t, h)`` acting on ``dY = (dt, dy)``: ``(..., hidden, 1 + data)``."""
+        return self.g_net(_with_time(t, h)).reshape(h.shape[:-1] + (self.hidden_size, self.data_size + 1))
+
     def forward(self, ys: torch.Tensor, ts) -> torch.Tensor:
         """Scores ``(batch,)`` of paths ``ys`` ``(len(ts), batch, data_size)``."""
+        if ys.dim() != 3 or ys.shape[-1] != self.data_size:
+            raise ValueError(f"ys must have shape (len(ts), batch, {self.data_size}); got {tuple(ys.shape)}.")
         ts = _times(ts, ys)
-        tt = ts.to(ys.dtype).reshape(-1, 1, 1).expand(ys.shape[:-1] + (1,))
-        x = torch.cat([tt, ys], -1)  # (T, B, 1 + data)
-        h = self.initial(x[0])
-        n = x.shape[0]
-        for i in range(n - 1):
-            # Heun's method on dh = f dt + g dX with X linear on [t_i, t_{i+1}]
-            t0, t1 = ts[i].to(ys.dtype), ts[i + 1].to(ys.dtype)
-            dt, dx = t1 - t0, x[i + 1] - x[i]
-            k0 = self._vf(t0, h, dt, dx)
-            k1 = self._vf(t1, h + k0, dt, dx)
-            h = h + 0.5 * (k0 + k1)
-        return self.readout(h).squeeze(-1)
+        if ts.numel() != ys.shape[0]:
+            raise ValueError(f"ts has {ts.numel()} times but ys has {ys.shape[0]} observations.")
+        times = ts.to(ys.dtype)
+        x = torch.cat([times.reshape(-1, 1, 1).expand(ys.shape[:-1] + (1,)), ys], -1).transpose(0, 1)
+        path = nde.LinearInterpolation(nde.linear_interpolation_coeffs(x))  # knots at 0, 1, ..., len(ts) - 1
+        last = ts.numel() - 2
+        steps = times[1:] - times[:-1]
 
-    def _vf(self, t, h, dt, dx):
-        th = _with_time(t, h)
-        g = self.g_net(th).reshape(h.shape[:-1] + (self.hidden_size, self.data_size + 1))
-        return self.f_net(th) * dt + (g @ dx.unsqueeze(-1)).squeeze(-1)
+        def field(s, h):
+            # the physical time at the path parameter s (piecewise linear through the knots)
+            i = min(max(int(math.floor(float(s))), 0), last)
+            t = times[i] + (s - i) * steps[i]
+            th = _with_time(t, h)
+            G = self.g_net(th).reshape(h.shape[:-1] + (self.hidden_size, self.data_size + 1))
+            return torch.cat([G[..., :1] + self.f_net(th).unsqueeze(-1), G[..., 1:]], -1)
+
+        sol = nde.solve(ControlTerm(field, path), _solvers.Heun(), 0.0, float(ts.numel() - 1), self.initial(x[:, 0]),
+                        dt0=1.0)
+        return self.readout(sol.ys[-1]).squeeze(-1)
 
     @torch.no_grad()
     def clip_weights(self):
-        """Clip every linear layer's weights to ``[-1/fan_in, 1/fan_in]``."""
+        """Clip every linear layer's weights to ``[-1/fan_out, 1/fan_out]`` (``fan_out = out_features``), as
+        Kidger et al. (2021) do; with LipSwish this bounds the discriminator's Lipschitz constant."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                lim = 1.0 / module.in_features
+                lim = 1.0 / module.out_features
                 module.weight.clamp_(-lim, lim)
 
 

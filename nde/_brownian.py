@@ -10,17 +10,27 @@ dyadic Brownian bridge: the two halves of a dyadic interval are drawn conditiona
 interval's ``(W, I)`` with noise from a counter-based generator (SplitMix64) keyed by
 ``(seed, cell, depth, index)`` and the element's position, down to ``depth`` levels. Any subset of
 that noise can be drawn alone, so samples with their own times (independent batch mode) descend
-their own bridge paths in one vectorised pass and still see the same path as a joint query. Every value is therefore a fixed function of the seed: the same whatever the order of
-the queries, after cache evictions and in the backward pass. Query times are rounded to the
-grid of spacing ``dt / 2**depth``; on that grid the samples are exact.
+their own bridge paths in one vectorised pass and still see the same path as a joint query.
+
+Below the finest dyadic level (the *leaves*, of width ``r = dt / 2**depth``), a time ``t`` inside a
+leaf ``[a, b]`` gets ``(W(t), J(t))`` from the exact conditional law of the path on ``[a, t]`` given the
+leaf's ``(W, I)``, with noise keyed by ``t`` itself. Since Brownian bridges on disjoint intervals are
+independent given their end points, every increment whose end points do not lie strictly inside one
+and the same leaf is sampled exactly, ``W(s, u) ~ N(0, u - s)``, for any real ``s < u``; an increment
+shorter than ``r`` with both ends inside one leaf is refused with an error that says how to refine
+(``dt_min``). Every value is a fixed function of the seed: the same whatever the order of the
+queries, after cache evictions and in the backward pass.
 
 The space-time Lévy area over ``[s, u]`` (``h = u - s``) is
 ``H = (1/h) int_s^u (W(s, r) - (r - s)/h W(s, u)) dr``, ``H ~ N(0, h/12)`` independent of ``W(s, u)``.
+The space-space Lévy area ``A_ij = 1/2 int (W_i dW_j - W_j dW_i)`` (needed by log-ODE schemes for
+general noise) is approximated from ``(W, H)`` as Davie (2014) and Foster (2020) do.
 """
 
 from __future__ import annotations
 
 import math
+import struct
 from collections import OrderedDict
 
 import numpy as np
@@ -71,14 +81,76 @@ def _tmix(*xs):
     return z
 
 
+def _uniform_pair(key, pair):
+    """Two uniforms per pair index: ``u1`` in (0, 1] and ``u2`` in [0, 1) (53 bits each)."""
+    p2 = pair * 2
+    u1 = (_srl(_fmix(key + p2 * _GAMMA), 11).to(torch.float64) + 0.5) * 2.0**-53
+    u2 = _srl(_fmix(key + (p2 + 1) * _GAMMA), 11).to(torch.float64) * 2.0**-53
+    return u1, u2
+
+
 def _hash_normal(key, counter):
-    """Standard normals indexed by ``(key, counter)`` (int64 tensors, broadcast): SplitMix64 streams
-    ``key + i * gamma`` give two uniforms per normal (Box--Muller). Any subset of the numbers can be
-    drawn on its own and gets the same values."""
-    c2 = counter * 2
-    u1 = (_srl(_fmix(key + c2 * _GAMMA), 11).to(torch.float64) + 0.5) * 2.0**-53
-    u2 = _srl(_fmix(key + (c2 + 1) * _GAMMA), 11).to(torch.float64) * 2.0**-53
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2 * math.pi) * u2)
+    """Standard normals indexed by ``(key, counter)`` (int64 tensors, broadcast).
+
+    SplitMix64 streams ``key + i * gamma`` give two uniforms per pair of counters ``(2p, 2p + 1)``;
+    Box--Muller turns them into the pair's two independent normals (cosine for the even counter,
+    sine for the odd one). Any subset of the numbers can be drawn on its own and gets the same values.
+    """
+    u1, u2 = _uniform_pair(key, torch.bitwise_right_shift(counter, 1))
+    rad = torch.sqrt(-2.0 * torch.log(u1))
+    ang = (2 * math.pi) * u2
+    odd = torch.bitwise_and(counter, 1).bool()
+    return rad * torch.where(odd, torch.sin(ang), torch.cos(ang))
+
+
+def _hash_normal_range(key, n, device):
+    """``_hash_normal(key, arange(n))``, computing each Box--Muller pair once.
+
+    ``key`` is a 0-d int64 tensor (returns ``(n,)``) or a 1-d one of ``L`` keys (returns ``(L, n)``)."""
+    pairs = (n + 1) // 2
+    keys = key.reshape(-1, 1)
+    u1, u2 = _uniform_pair(keys, torch.arange(pairs, dtype=torch.int64, device=device))
+    rad = torch.sqrt(-2.0 * torch.log(u1))
+    ang = (2 * math.pi) * u2
+    out = torch.stack([rad * torch.cos(ang), rad * torch.sin(ang)], -1).reshape(keys.shape[0], -1)[:, :n]
+    return out.reshape(n) if key.dim() == 0 else out
+
+
+def _float_bits(x):
+    """The IEEE-754 bit pattern of a float64 (Python float or float64 tensor) as a signed int64."""
+    if isinstance(x, torch.Tensor):
+        return x.to(torch.float64).contiguous().view(torch.int64)
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+def _fraction_law(a, levy):
+    """Law of the path on the first fraction ``a`` of an interval given the interval's ``(W, I)``.
+
+    In units of the interval (``W`` in units of ``sqrt(width)``, ``I = int (W(r) - W(start)) dr`` in
+    units of ``width**1.5``): ``W1 = k11 W + k12 I + l11 z0`` and ``I1 = k21 W + k22 I + l21 z0 + l22 z1``
+    with ``z0, z1`` independent standard normals; returns ``(k11, k12, k21, k22, l11, l21, l22)``.
+    Without Lévy area only ``W`` is conditioned on: ``W1 = a W + sqrt(a (1 - a)) z0``.
+
+    ``a`` is a float in (0, 1) or a float64 tensor of them.
+    """
+    tensor = isinstance(a, torch.Tensor)
+    sqrt = (lambda x: torch.sqrt(torch.clamp(x, min=0.0))) if tensor else (lambda x: math.sqrt(max(x, 0.0)))
+    b = 1 - a
+    if not levy:
+        return a, 0.0, 0.0, 0.0, sqrt(a * b), 0.0, 0.0
+    # Y = (W1, I1) and the observed O = (W, I) = (W1 + W2, I1 + b W1 + I2) are jointly Gaussian;
+    # Var(O) = [[1, 1/2], [1/2, 1/3]] with inverse [[4, -6], [-6, 12]]
+    cyw, cyi = a, a - a * a / 2                        # Cov(W1, W), Cov(W1, I)
+    ciw, cii = a * a / 2, a**3 / 3 + b * a * a / 2     # Cov(I1, W), Cov(I1, I)
+    k11, k12 = 4 * cyw - 6 * cyi, -6 * cyw + 12 * cyi
+    k21, k22 = 4 * ciw - 6 * cii, -6 * ciw + 12 * cii
+    c11 = a - (k11 * cyw + k12 * cyi)
+    c12 = a * a / 2 - (k11 * ciw + k12 * cii)
+    c22 = a**3 / 3 - (k21 * ciw + k22 * cii)
+    l11 = sqrt(c11)
+    l21 = c12 / l11
+    l22 = sqrt(c22 - l21 * l21)
+    return k11, k12, k21, k22, l11, l21, l22
 
 
 def _bridge_matrices():
@@ -124,21 +196,30 @@ class _LRU(OrderedDict):
             self.popitem(last=False)
 
 
+_LEVY_AREAS = ("none", "space-time", "davie", "foster")
+_SNAP = 1e-9  # positions within this fraction of a leaf of its ends are taken on them
+
+
 class BrownianInterval(AbstractPath):
     """A Brownian motion on ``[t0, t1]``, sampled exactly and lazily, determined by its seed.
 
-    ``W(s, u) ~ N(0, (u - s) I)`` with independent increments; optionally the space-time Lévy
-    area ``H(s, u) ~ N(0, (u - s)/12 I)`` (independent of ``W(s, u)``) that high-order additive-
-    noise solvers (SRA1, ShARK) use. Values do not depend on the order of the queries: the path
-    is a fixed function of ``seed`` (a canonical dyadic bridge below a grid of cells of width
-    ``dt``), so forward pass, backward pass and rejected adaptive steps all see the same path.
+    ``W(s, u) ~ N(0, (u - s) I)`` with independent increments, for any real ``s < u``; optionally the
+    space-time Lévy area ``H(s, u) ~ N(0, (u - s)/12 I)`` (independent of ``W(s, u)``) that high-order
+    additive-noise solvers (SRA1, ShARK, SRID2) use, and the space-space Lévy area (Davie's or Foster's
+    approximation) of log-ODE schemes for general noise. Values do not depend on the order of the
+    queries: the path is a fixed function of ``seed`` (a canonical dyadic bridge below a grid of cells
+    of width ``dt``, and exact conditional samples below its finest level), so forward pass, backward
+    pass and rejected adaptive steps all see the same path.
 
-    Queries on the cell grid ``t0 + k dt`` cost one slice (fixed-step solves: pass the solver's
-    step as ``dt``); other times descend at most ``depth`` cached bridge levels. Query times are
-    rounded to the grid of spacing ``dt / 2**depth``.
+    Queries on the cell grid ``t0 + k dt`` cost one slice (fixed-step solves: pass the solver's step
+    as ``dt``); other times descend ``depth`` cached bridge levels and draw one more sample. The finest
+    level has leaves of width ``resolution = dt / 2**depth``: an increment shorter than that with both
+    end points strictly inside one leaf cannot be sampled consistently and raises; pass the shortest
+    step of the solve as ``dt_min`` and the depth is chosen so that this never happens.
 
     Kidger, Foster, Li, Lyons (2021), "Efficient and accurate gradients for neural SDEs", NeurIPS;
-    Foster (2020), "Numerical approximations for stochastic differential equations", thesis.
+    Foster (2020), "Numerical approximations for stochastic differential equations", thesis;
+    Davie (2014), "KMT theory applied to approximations of SDE", Springer Proc. Math. Stat. 100.
 
     Parameters
     ----------
@@ -150,19 +231,47 @@ class BrownianInterval(AbstractPath):
     seed:
         Integer seed; None draws one from torch's global generator.
     levy_area:
-        ``"none"`` or ``"space-time"``.
+        ``"none"``, ``"space-time"`` (``H``), or ``"davie"`` / ``"foster"`` (``H`` and the
+        space-space area ``A`` from :meth:`evaluate_area`).
     dtype, device:
-        Of the returned tensors (sampling is done in float64).
+        Of the returned tensors (sampling is done in float64); dtype None is torch's default dtype.
     dt:
         Width of the cells; None uses ``(t1 - t0) / 256``. Pass the step size of fixed-step solves.
     depth:
-        Bridge levels below a cell (time resolution ``dt / 2**depth``).
+        Bridge levels below a cell; None uses 12, or what ``dt_min`` needs.
+    dt_min:
+        The shortest increment that will be queried (e.g. the ``dtmin`` of an adaptive solve): the depth
+        is raised until leaves are at most ``dt_min / 4`` wide (step doubling queries half steps).
     cache_size:
         Number of bridge nodes and point values kept (LRU); None keeps 256, or more for small shapes.
+    size, entropy, levy_area_approximation:
+        torchsde's names of ``shape``, ``seed`` and ``levy_area`` (so ``import nde as torchsde`` scripts
+        construct it unchanged, and ``bm(ta, tb, return_U=..., return_A=...)`` works as in torchsde);
+        torchsde's ``tol``, ``pool_size``, ``halfway_tree`` are accepted and have no effect.
     """
 
-    def __init__(self, t0, t1, shape, seed=None, levy_area="none", dtype=torch.float32, device=None, dt=None,
-                 depth=12, cache_size=None, chunk_elements=1 << 21):
+    def __init__(self, t0, t1, shape=None, seed=None, levy_area="none", dtype=None, device=None, dt=None,
+                 depth=None, dt_min=None, cache_size=None, chunk_elements=1 << 21, *, size=None, entropy=None,
+                 levy_area_approximation=None, tol=None, pool_size=None, halfway_tree=None, W=None, H=None):
+        # torchsde's keywords (size, entropy, levy_area_approximation; tol, pool_size and halfway_tree
+        # tune torchsde's own tree and have no counterpart: this path is exact and order-independent)
+        if size is not None:
+            if shape is not None:
+                raise TypeError("Pass either shape or size (its torchsde name), not both.")
+            shape = size
+        if shape is None:
+            raise TypeError("BrownianInterval needs the shape of W(t): shape=(batch, m) (or torchsde's size=).")
+        if entropy is not None:
+            if seed is not None:
+                raise TypeError("Pass either seed or entropy (its torchsde name), not both.")
+            seed = entropy
+        if levy_area_approximation is not None:
+            levy_area = levy_area_approximation
+        if W is not None or H is not None:
+            raise ValueError("Conditioning the Brownian motion on its final value (torchsde's W=/H=) is not "
+                             "supported by nde.BrownianInterval; use torchsde.BrownianInterval for that.")
+        if dtype is None:
+            dtype = torch.get_default_dtype()
         t0, t1 = float(t0), float(t1)
         if not (math.isfinite(t0) and math.isfinite(t1)) or not t0 < t1:
             raise ValueError(f"BrownianInterval needs finite t0 < t1; got t0={t0}, t1={t1}.")
@@ -176,8 +285,8 @@ class BrownianInterval(AbstractPath):
             raise ValueError(f"shape must have nonnegative entries; got {shape}.")
         if levy_area in ("space_time", "spacetime"):
             levy_area = "space-time"
-        if levy_area not in ("none", "space-time"):
-            raise ValueError(f"levy_area must be 'none' or 'space-time'; got {levy_area!r}.")
+        if levy_area not in _LEVY_AREAS:
+            raise ValueError(f"levy_area must be one of {_LEVY_AREAS}; got {levy_area!r}.")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point torch.dtype; got {dtype!r}.")
         if seed is None:
@@ -192,8 +301,19 @@ class BrownianInterval(AbstractPath):
             raise ValueError(f"dt must be a positive number; got {dt}.")
         n = max(1, math.ceil(L / dt - 1e-9))
         dt = min(dt, L)
-        if not isinstance(depth, int) or not 0 <= depth <= 50:
-            raise ValueError(f"depth must be an integer in [0, 50]; got {depth!r}.")
+        if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or not 0 <= depth <= 50):
+            raise ValueError(f"depth must be an integer in [0, 50] or None; got {depth!r}.")
+        if dt_min is not None:
+            dt_min = float(dt_min)
+            if not math.isfinite(dt_min) or dt_min <= 0:
+                raise ValueError(f"dt_min must be a positive number or None; got {dt_min}.")
+            need = max(0, math.ceil(math.log2(dt / dt_min)) + 2)
+            if need > 50:
+                raise ValueError(f"dt_min={dt_min} needs more than 50 bridge levels below cells of width dt={dt}; "
+                                 "pass a smaller dt.")
+            depth = need if depth is None else max(depth, need)
+        elif depth is None:
+            depth = 12
         self._t0, self._t1 = t0, t1
         self.shape = shape
         self.seed = seed
@@ -203,7 +323,8 @@ class BrownianInterval(AbstractPath):
         self.dt = dt
         self.n_cells = n
         self.depth = depth
-        self._levy = levy_area == "space-time"
+        self._levy = levy_area != "none"
+        self._area = levy_area in ("davie", "foster")
         numel = max(1, math.prod(shape))
         self._chunk = max(1, min(n, chunk_elements // numel))
         self._gen = torch.Generator(device=self.device)
@@ -232,18 +353,41 @@ class BrownianInterval(AbstractPath):
     def t1(self):
         return self._t1
 
+    @property
+    def resolution(self):
+        """Width of the finest bridge leaves: the shortest increment that can lie inside one leaf."""
+        return self.dt / (1 << self.depth)
+
     def __repr__(self):
         return (f"BrownianInterval(t0={self._t0}, t1={self._t1}, shape={self.shape}, levy_area={self.levy_area!r}, "
-                f"dt={self.dt}, dtype={self.dtype})")
+                f"dt={self.dt}, depth={self.depth}, dtype={self.dtype})")
 
-    def __call__(self, ta, tb=None, use_levy=False):
-        return self.evaluate(ta, tb, use_levy=use_levy)
+    @property
+    def levy_area_approximation(self):
+        """torchsde's name of :attr:`levy_area`."""
+        return self.levy_area
+
+    def __call__(self, ta, tb=None, use_levy=False, return_U=False, return_A=False):
+        """:meth:`evaluate`, or torchsde's convention with ``return_U`` / ``return_A``: ``W``, ``(W, U)``,
+        ``(W, A)`` or ``(W, U, A)`` over ``[ta, tb]`` (``[t0, ta]`` when ``tb`` is None) with
+        ``U = int (W(r) - W(ta)) dr`` and ``A`` the space-space Lévy area."""
+        if not (return_U or return_A):
+            return self.evaluate(ta, tb, use_levy=use_levy)
+        if tb is None:
+            ta, tb = self._t0, ta
+        if return_A:
+            W, A = self.evaluate_area(ta, tb)
+        if return_U:
+            W, H = self.evaluate(ta, tb, use_levy=True)
+            U = (_scalar(tb) - _scalar(ta)) * (H + 0.5 * W)
+            return (W, U, A) if return_A else (W, U)
+        return W, A
 
     def evaluate(self, t0, t1=None, left=True, use_levy=False):
         """``W(t0)`` (with ``W(self.t0) = 0``), or the increment ``W(t1) - W(t0)``.
 
-        With ``use_levy=True`` (needs ``levy_area="space-time"``) returns ``(W, H)`` where ``H`` is
-        the space-time Lévy area over the interval between ``t0`` and ``t1``.
+        With ``use_levy=True`` (needs a Lévy area) returns ``(W, H)`` where ``H`` is the space-time
+        Lévy area over the interval between ``t0`` and ``t1``.
 
         Times are floats or 0-d tensors, or tensors with one time per sample (shape
         ``batch_shape + (1,) * k`` as in independent-mode solves).
@@ -256,15 +400,57 @@ class BrownianInterval(AbstractPath):
                 raise ValueError("A Lévy area needs an interval: pass both t0 and t1.")
             if isinstance(t0, torch.Tensor) and t0.numel() > 1:
                 return self._per_sample(t0, None, False)
-            k, j, t = self._locate(_scalar(t0))
-            return self._point(k, j, t)[0].to(self.dtype)
+            return self._point(*self._locate(_scalar(t0)))[0].to(self.dtype)
         if (isinstance(t0, torch.Tensor) and t0.numel() > 1) or (isinstance(t1, torch.Tensor) and t1.numel() > 1):
             return self._per_sample(t0, t1, use_levy)
         return self._increment(_scalar(t0), _scalar(t1), use_levy)
 
+    def evaluate_area(self, t0, t1):
+        """``(W, A)``: the increment and the space-space Lévy area over the interval between ``t0`` and ``t1``.
+
+        ``A_ij = 1/2 int (W_i dW_j - W_j dW_i)`` has shape ``shape + (m,)`` (``m = shape[-1]``),
+        approximated from the increment and space-time Lévy area ``H``:
+        ``A_ij = H_i W_j - W_i H_j + s_ij lambda_ij`` with ``lambda`` antisymmetric, standard normal above
+        the diagonal, and ``s_ij^2 = h^2 / 12`` (``levy_area="davie"``, Davie 2014) or
+        ``s_ij^2 = h^2 / 20 + h (H_i^2 + H_j^2) / 5`` (``"foster"``, Foster 2020, Gaussian variant). Both
+        have the exact variance ``E[A_ij^2] = h^2 / 4``. (torchsde's own ``BrownianInterval`` scales the
+        noise differently; pass it as ``bm`` to ``nde.sdeint`` to reproduce its paths.)
+        For ``t1 < t0`` both are those of the reversed path: ``(-W, -A)`` of ``[t1, t0]``.
+        """
+        if not self._area:
+            raise ValueError(f"This BrownianInterval has levy_area={self.levy_area!r}; a space-space Lévy area "
+                             "needs levy_area='davie' or 'foster'.")
+        if (isinstance(t0, torch.Tensor) and t0.numel() > 1) or (isinstance(t1, torch.Tensor) and t1.numel() > 1):
+            raise ValueError("Space-space Lévy areas take one time pair for the whole batch (batch_mode='joint').")
+        s, u = _scalar(t0), _scalar(t1)
+        flip = u < s
+        a, b = (u, s) if flip else (s, u)
+        W, H = self._increment(a, b, True)
+        if not self.shape:
+            return (-W if flip else W), torch.zeros_like(W)
+        W64, H64 = W.to(torch.float64), H.to(torch.float64)
+        la, lb = self._locate(a), self._locate(b)
+        m = self.shape[-1]
+        key = _mix(self.seed & ((1 << 63) - 1), 4, la[0], la[1], _float_bits(la[2]), lb[0], lb[1],
+                   _float_bits(lb[2]), bits=64)
+        noise = _hash_normal_range(torch.tensor(_s64(key), dtype=torch.int64, device=self.device),
+                                   math.prod(self.shape) * m, self.device).reshape(self.shape + (m,))
+        noise = (noise - noise.transpose(-1, -2)) * (1 / math.sqrt(2))  # unit variance off the diagonal
+        h = b - a
+        if self.levy_area == "davie":
+            std = math.sqrt(h * h / 12)
+        else:
+            H2 = H64 * H64
+            std = (h * h / 20 + (h / 5) * (H2.unsqueeze(-1) + H2.unsqueeze(-2))).sqrt()
+        A = H64.unsqueeze(-1) * W64.unsqueeze(-2) - W64.unsqueeze(-1) * H64.unsqueeze(-2) + std * noise
+        A = A.to(self.dtype)
+        return (-W, -A) if flip else (W, A)
+
     # ---- locating times -------------------------------------------------------------------
     def _locate(self, t):
-        """Cell index ``k``, dyadic position ``j`` (of ``2**depth``) inside it, and the rounded time."""
+        """Cell ``k``, leaf ``j`` (of ``2**depth``) inside it, fraction ``theta`` of the leaf, and the time.
+
+        Grid points have ``theta == 0`` (their time is the grid's)."""
         lo, hi = self._t0, self._t1
         tol = 1e-9 * (hi - lo)
         if not (lo - tol <= t <= hi + tol):
@@ -273,22 +459,37 @@ class BrownianInterval(AbstractPath):
         k = round(x)
         if abs(t - (lo + k * self.dt)) <= self._grid_tol or t >= hi - self._grid_tol:
             k = min(k, self.n_cells) if t < hi - self._grid_tol else self.n_cells
-            return k, 0, (lo + k * self.dt if k < self.n_cells else hi)
+            return k, 0, 0.0, (lo + k * self.dt if k < self.n_cells else hi)
         k = min(int(math.floor(x)), self.n_cells - 1)
         a = lo + k * self.dt
         w = self._cell_width(k)
         scale = 1 << self.depth
-        j = round((t - a) / w * scale)
+        y = (t - a) / w * scale
+        j = int(math.floor(y))
+        th = y - j
+        if th <= _SNAP:
+            th = 0.0
+        elif th >= 1 - _SNAP:
+            j, th = j + 1, 0.0
         if j >= scale:
-            return k + 1, 0, (a + w if k + 1 < self.n_cells else hi)
-        if j <= 0:
-            return k, 0, a
-        return k, j, a + w * j / scale
+            return k + 1, 0, 0.0, (a + w if k + 1 < self.n_cells else hi)
+        if j < 0:
+            return k, 0, 0.0, a
+        return k, j, th, (a + w * j / scale if th == 0.0 else t)
 
     def _cell_width(self, k):
         if k < self.n_cells - 1:
             return self.dt
         return self._t1 - (self._t0 + (self.n_cells - 1) * self.dt)
+
+    def _check_resolution(self, s, u, ls, lu):
+        if ls[0] == lu[0] and ls[1] == lu[1] and ls[2] > 0 and lu[2] > 0 and ls[2] != lu[2]:
+            h = abs(u - s)
+            raise ValueError(
+                f"W({s}, {u}): both times lie inside one bridge leaf of width {self.resolution:.3g} (the resolution "
+                f"of this BrownianInterval), so the increment over |u - s| = {h:.3g} cannot be sampled consistently; "
+                f"create the BrownianInterval with dt_min={h:.3g} or smaller (or a smaller dt, or a larger depth)."
+            )
 
     # ---- cells ----------------------------------------------------------------------------
     def _normal(self, n, key):
@@ -370,6 +571,13 @@ class BrownianInterval(AbstractPath):
             return torch.tensor(_s64(_mix(seed, 2, k, d, idx, bits=64)), dtype=torch.int64)
         return _tmix(seed, 2, k, d, idx)
 
+    def _leaf_int_key(self, k, j, th):
+        return _mix(self.seed & ((1 << 63) - 1), 3, k, j, _float_bits(th), bits=64)
+
+    def _leaf_key(self, k, j, th):
+        """Per-row keys (int64 tensors) of the noise below the leaves."""
+        return _tmix(self.seed & ((1 << 63) - 1), 3, k, j, _float_bits(th))
+
     def _split(self, W, I, z, width):
         """The two halves ``((W, I), (W, I))`` of an interval of ``width`` given its ``(W, I)`` and noise ``z``.
 
@@ -395,36 +603,72 @@ class BrownianInterval(AbstractPath):
         noise = z[0] * (0.5 * width**0.5)
         return (half + noise, None), (half - noise, None)
 
-    def _children(self, k, d, idx, parent, width):
+    def _sub_leaf(self, W, I, z, th, width):
+        """``(W, I)`` over the first fraction ``th`` of a leaf of ``width`` given the leaf's ``(W, I)``."""
+        k11, k12, k21, k22, l11, l21, l22 = _fraction_law(th, self._levy)
+        sw = width**0.5
+        if not self._levy:
+            return k11 * W + (l11 * sw) * z[0], None
+        si = width**1.5
+        Wn, In = W / sw, I / si
+        W1 = sw * (k11 * Wn + k12 * In + l11 * z[0])
+        I1 = si * (k21 * Wn + k22 * In + l21 * z[0] + l22 * z[1])
+        return W1, I1
+
+    def _children(self, k, d, idx, parent, width, z=None):
         key = (k, d + 1, 2 * idx)
         left = self._nodes.get(key)
         right = self._nodes.get((k, d + 1, 2 * idx + 1))
         if left is not None and right is not None:
             return left, right
         W, I = parent
-        ncomp = 2 if self._levy else 1
-        numel = max(1, math.prod(self.shape))
-        counter = torch.arange(ncomp * numel, dtype=torch.int64, device=self.device)
-        z = _hash_normal(self._node_key(k, d, idx).to(self.device), counter).reshape((ncomp,) + self.shape)
+        if z is None:
+            z = self._noise([_s64(self._node_int_key(k, d, idx))])[0]
         left, right = self._split(W, I, z, width)
         self._nodes.put(key, left)
         self._nodes.put((k, d + 1, 2 * idx + 1), right)
         return left, right
 
-    def _inside(self, k, j):
-        """``(W(a, t), I(a, t))`` from the start ``a`` of cell ``k`` to the position ``j / 2**depth``."""
+    def _node_int_key(self, k, d, idx):
+        return _mix(self.seed & ((1 << 63) - 1), 2, k, d, idx, bits=64)
+
+    def _noise(self, keys):
+        """Bridge noise ``(len(keys), ncomp, *shape)`` for a list of signed 64-bit keys, in one draw."""
+        ncomp = 2 if self._levy else 1
+        n = ncomp * max(1, math.prod(self.shape))
+        kt = torch.tensor(keys, dtype=torch.int64, device=self.device)
+        return _hash_normal_range(kt, n, self.device).reshape((len(keys), ncomp) + self.shape)
+
+    def _inside(self, k, j, leaf=False, extra_key=None):
+        """``(W(a, s), I(a, s))`` from the start ``a`` of cell ``k`` to the start ``s`` of leaf ``j``
+        (None when ``s == a``), the leaf's own ``(W, I)`` (with ``leaf``; otherwise the node where the
+        descent stopped) and, for ``extra_key``, that key's noise drawn with the missing bridge levels."""
         D = self.depth
         width = self._cell_width(k)
-        node = self._cell(k)
-        d, idx = 0, 0
-        accW = accI = None
-        while True:
-            if j == idx << (D - d):
+        # the levels to descend: all of them to reach the leaf, else until s is a node's left edge
+        if leaf:
+            stop = D
+        elif j == 0:
+            stop = 0
+        else:
+            stop = D - ((j & -j).bit_length() - 1)
+        idxs = [j >> (D - d) for d in range(stop)]
+        # the first level whose children are not cached: its noise and all deeper levels' in one draw
+        first = stop
+        for d in range(stop):
+            if self._nodes.get((k, d + 1, 2 * idxs[d])) is None or self._nodes.get((k, d + 1, 2 * idxs[d] + 1)) is None:
+                first = d
                 break
+        keys = [_s64(self._node_int_key(k, d, idxs[d])) for d in range(first, stop)]
+        if extra_key is not None:
+            keys.append(extra_key)
+        z = self._noise(keys) if keys else None
+        node = self._cell(k)
+        accW = accI = None
+        for d in range(stop):
             w = width / (1 << d)
-            left, right = self._children(k, d, idx, node, w)
-            bit = (j >> (D - d - 1)) & 1
-            if bit:
+            left, right = self._children(k, d, idxs[d], node, w, None if d < first else z[d - first])
+            if (j >> (D - d - 1)) & 1:
                 lw, li = left
                 if accW is None:
                     accW, accI = lw, li
@@ -432,34 +676,46 @@ class BrownianInterval(AbstractPath):
                     if self._levy:
                         accI = accI + (w / 2) * accW + li
                     accW = accW + lw
-                node, idx = right, 2 * idx + 1
+                node = right
             else:
-                node, idx = left, 2 * idx
-            d += 1
-        return accW, accI
+                node = left
+        return accW, accI, node, (None if extra_key is None else z[-1])
 
-    def _point(self, k, j, t):
-        """``(W(t), J(t))`` at the located time (float64, cached)."""
-        key = (k, j)
+    def _point(self, k, j, th, t):
+        """``(W(t), J(t))`` at the located time (float64, cached); ``J(t) = int_{t0}^t W``."""
+        key = (k, j, th)
         v = self._points.get(key)
         if v is not None:
             return v
         W, J = self._grid_value(k)
-        if j:
-            aw, ai = self._inside(k, j)
-            off = t - (self._t0 + k * self.dt)
-            W = W + aw
-            if self._levy:
-                J = J + off * (W - aw) + ai
+        if j or th:
+            extra = _s64(self._leaf_int_key(k, j, th)) if th > 0 else None
+            aw, ai, (lw, li), z = self._inside(k, j, leaf=th > 0, extra_key=extra)
+            a = self._t0 + k * self.dt
+            if th > 0:
+                r = self._cell_width(k) / (1 << self.depth)
+                sw, si = self._sub_leaf(lw, li, z, th, r)
+                s_leaf = a + self._cell_width(k) * j / (1 << self.depth)
+                if aw is None:
+                    aw, ai = sw, si
+                else:
+                    if self._levy:
+                        ai = ai + (t - s_leaf) * aw + si
+                    aw = aw + sw
+            if aw is not None:
+                if self._levy:
+                    J = J + (t - a) * W + ai
+                W = W + aw
         v = (W, J)
         self._points.put(key, v)
         return v
 
     # ---- queries --------------------------------------------------------------------------
     def _increment(self, s, u, use_levy):
-        ks, js, ts = self._locate(s)
-        ku, ju, tu = self._locate(u)
-        if js == 0 and ju == 0 and abs(ku - ks) == 1:
+        ls, lu = self._locate(s), self._locate(u)
+        ks, js, ths, ts = ls
+        ku, ju, thu, tu = lu
+        if js == 0 and ju == 0 and ths == 0.0 and thu == 0.0 and abs(ku - ks) == 1:
             k = min(ks, ku)
             d = self._chunk_data(k // self._chunk)
             i = k - d["start"]
@@ -469,8 +725,9 @@ class BrownianInterval(AbstractPath):
             if use_levy:
                 return W, d["H_out"][i]
             return W
-        Ws, Js = self._point(ks, js, ts)
-        Wu, Ju = self._point(ku, ju, tu)
+        self._check_resolution(s, u, ls, lu)
+        Ws, Js = self._point(*ls)
+        Wu, Ju = self._point(*lu)
         dW = Wu - Ws
         if not use_levy:
             return dW.to(self.dtype)
@@ -497,10 +754,14 @@ class BrownianInterval(AbstractPath):
                 v = found[t] = self._locate(t)
             return v
 
-        Ws, Js, ts_ = self._rows_at([locate(t) for t in ta], B)
+        la = [locate(t) for t in ta]
+        Ws, Js, ts_ = self._rows_at(la, B)
         if tb is None:
             return Ws.reshape(self.shape).to(self.dtype)
-        Wu, Ju, tu_ = self._rows_at([locate(t) for t in tb], B)
+        lb = [locate(t) for t in tb]
+        for s, u, x, y in zip(ta, tb, la, lb):
+            self._check_resolution(s, u, x, y)
+        Wu, Ju, tu_ = self._rows_at(lb, B)
         W = (Wu - Ws).reshape(self.shape).to(self.dtype)
         if not use_levy:
             return W
@@ -518,8 +779,8 @@ class BrownianInterval(AbstractPath):
         rest = math.prod(self.shape) // B
         outW = torch.empty((B, rest), dtype=torch.float64, device=self.device)
         outJ = torch.zeros_like(outW) if self._levy else None
-        times = torch.tensor([loc[2] for loc in locs], dtype=torch.float64, device=self.device)
-        grid = [b for b, loc in enumerate(locs) if loc[1] == 0]
+        times = torch.tensor([loc[3] for loc in locs], dtype=torch.float64, device=self.device)
+        grid = [b for b, loc in enumerate(locs) if loc[1] == 0 and loc[2] == 0.0]
         if grid:
             ks = torch.tensor([locs[b][0] for b in grid], device=self.device)
             rows = torch.tensor(grid, device=self.device)
@@ -537,7 +798,7 @@ class BrownianInterval(AbstractPath):
                     off = torch.where(k == self.n_cells, torch.full_like(i, 0, dtype=torch.float64) + d["len"],
                                       i.to(torch.float64) * self.dt).unsqueeze(-1)
                     outJ[r] = js.reshape(B, rest)[r] + off * ws.reshape(B, rest)[r] + d["PJ"].reshape(n, B, rest)[i, r]
-        off = [b for b, loc in enumerate(locs) if loc[1] != 0]
+        off = [b for b, loc in enumerate(locs) if loc[1] != 0 or loc[2] != 0.0]
         if off:
             self._inside_rows(off, locs, B, rest, outW, outJ)
         return outW, outJ, times
@@ -552,7 +813,8 @@ class BrownianInterval(AbstractPath):
         r = torch.tensor(rows, device=dev)
         k = torch.tensor([locs[b][0] for b in rows], dtype=torch.int64, device=dev)
         j = torch.tensor([locs[b][1] for b in rows], dtype=torch.int64, device=dev)
-        t = torch.tensor([locs[b][2] for b in rows], dtype=torch.float64, device=dev).unsqueeze(-1)
+        th = torch.tensor([locs[b][2] for b in rows], dtype=torch.float64, device=dev)
+        t = torch.tensor([locs[b][3] for b in rows], dtype=torch.float64, device=dev).unsqueeze(-1)
         # grid values at the cell starts and the cells' own (W, I)
         base_W, base_J, cell_W, cell_I = (torch.empty((R, rest), dtype=torch.float64, device=dev) for _ in range(4))
         last = (self.n_cells - 1) // self._chunk
@@ -583,8 +845,10 @@ class BrownianInterval(AbstractPath):
         accW = torch.zeros_like(cell_W)
         accI = torch.zeros_like(cell_W) if self._levy else None
         idx = torch.zeros_like(k)
+        leaf = th > 0
         for d in range(D):
-            active = j != (idx << (D - d))
+            # rows inside a leaf descend to it; the others stop at the left edge of their position
+            active = (j != (idx << (D - d))) | leaf
             if not bool(active.any()):
                 break
             key = self._node_key(k, d, idx)
@@ -599,6 +863,18 @@ class BrownianInterval(AbstractPath):
             accW = torch.where(m, accW + lW, accW)
             nodeW = torch.where(m, rW, lW)
             idx = torch.where(active, 2 * idx + bit.long(), idx)
+        if bool(leaf.any()):
+            # below the finest level: the exact conditional law on [leaf start, t] given the leaf's (W, I)
+            key = self._leaf_key(k, j, th)
+            z = _hash_normal(key.reshape(R, 1, 1), counters).transpose(0, 1)
+            rw = widths / (1 << D)
+            thc = torch.where(leaf, th, torch.full_like(th, 0.5)).unsqueeze(-1)
+            sW, sI = self._sub_leaf(nodeW, nodeI, z, thc, rw)
+            lm = leaf.unsqueeze(-1)
+            s_leaf = starts + widths * j.to(torch.float64).unsqueeze(-1) / (1 << D)
+            if self._levy:
+                accI = torch.where(lm, accI + (t - s_leaf) * accW + sI, accI)
+            accW = torch.where(lm, accW + sW, accW)
         outW[r] = base_W + accW
         if self._levy:
             outJ[r] = base_J + (t - starts) * base_W + accI

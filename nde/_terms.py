@@ -174,14 +174,21 @@ class ControlTerm(AbstractTerm):
         self.control = control
         self.noise = noise
         self._vf_prod = vf_prod
+        # shapes are checked once, at the first evaluation (no per-step cost)
+        self._vf_checked = self._prod_checked = False
 
     def vf(self, t, y, args):
-        return self._fn(t, y, args)
+        g = self._fn(t, y, args)
+        if not self._vf_checked:
+            self._check_vf(g, y)
+        return g
 
     def contr(self, t0, t1):
         return self.control.evaluate(t0, t1)
 
     def prod(self, vf, control):
+        if not self._prod_checked:
+            self._check_prod(vf, control)
         if self.noise == "diagonal":
             return vf * control
         if self.noise == "scalar":
@@ -190,8 +197,75 @@ class ControlTerm(AbstractTerm):
 
     def vf_prod(self, t, y, args, control):
         if self._vf_prod is not None:
-            return self._vf_prod(t, y, args, control)
-        return self.prod(self._fn(t, y, args), control)
+            out = self._vf_prod(t, y, args, control)
+            if not self._vf_checked:
+                if isinstance(out, torch.Tensor) and isinstance(y, torch.Tensor) and not _broadcasts_to(out.shape, y.shape):
+                    raise ValueError(
+                        f"The product g(t, y) dX of a ControlTerm (vf_prod={_name(self._vf_prod)}) returned shape "
+                        f"{tuple(out.shape)} but y has shape {tuple(y.shape)}; they must be equal."
+                    )
+                self._vf_checked = True
+            return out
+        return self.prod(self.vf(t, y, args), control)
+
+    def _channels(self):
+        shape = getattr(self.control, "shape", None)
+        try:
+            return int(tuple(shape)[-1]) if shape is not None and len(tuple(shape)) else None
+        except (TypeError, ValueError):
+            return None
+
+    def _check_vf(self, g, y):
+        """Check the matrix ``g(t, y)`` against ``y`` and the noise structure (once)."""
+        if not isinstance(g, torch.Tensor) or not isinstance(y, torch.Tensor):
+            self._vf_checked = True
+            return
+        name = _name(self.vector_field)
+        gs, ys = tuple(g.shape), tuple(y.shape)
+        m = self._channels()
+        if self.noise == "diagonal":
+            if not _broadcasts_to(gs, ys):
+                raise ValueError(f"The diffusion {name} of a ControlTerm with noise='diagonal' must return the shape of "
+                                 f"y, {ys}; got {gs}.")
+        elif self.noise == "scalar":
+            if g.dim() < 1 or gs[-1] != 1:
+                raise ValueError(f"Scalar noise must have only one channel: the diffusion {name} must return shape "
+                                 f"y.shape + (1,) = {ys + (1,)}; got {gs}.")
+            if not _broadcasts_to(gs[:-1], ys):
+                raise ValueError(f"The diffusion {name} of a ControlTerm with noise='scalar' must return shape "
+                                 f"y.shape + (1,) = {ys + (1,)}; got {gs}.")
+        else:
+            want = ys + ((m,) if m is not None else ("m",))
+            if g.dim() < 2 or (y.dim() >= 1 and gs[-2] != ys[-1]) or (m is not None and gs[-1] != m) \
+                    or not _broadcasts_to(gs[:-1], ys):
+                raise ValueError(
+                    f"The diffusion {name} of a ControlTerm with noise={self.noise!r} must return shape y.shape + (m,) "
+                    f"= {want} (m = number of control channels); got {gs}."
+                )
+        self._vf_checked = True
+
+    def _check_prod(self, vf, control):
+        """Check the control increment against the matrix ``g`` (once)."""
+        if not isinstance(vf, torch.Tensor) or not isinstance(control, torch.Tensor):
+            self._prod_checked = True
+            return
+        vs, cs = tuple(vf.shape), tuple(control.shape)
+        name = _name(self.vector_field)
+        if self.noise == "diagonal":
+            ok = control.dim() >= 1 and vf.dim() >= 1 and cs[-1] == vs[-1]
+            want = f"(..., {vs[-1] if vs else 'd'}) to match the diffusion's shape {vs}"
+        elif self.noise == "scalar":
+            ok = control.dim() >= 1 and cs[-1] == 1
+            want = "(..., 1) (one channel)"
+        else:
+            ok = control.dim() >= 1 and vf.dim() >= 2 and cs[-1] == vs[-1]
+            want = f"(..., {vs[-1] if vs else 'm'}) to match the diffusion's shape {vs} (..., d, m)"
+        if not ok:
+            raise ValueError(
+                f"The control increments of a ControlTerm with noise={self.noise!r} have shape {cs}, but the diffusion "
+                f"{name} needs {want}; give the Brownian motion / path the matching shape."
+            )
+        self._prod_checked = True
 
     @property
     def is_ode(self) -> bool:
@@ -217,6 +291,20 @@ def control_derivative(control, t, name=None):
         raise ValueError(
             f"The control path {name or type(control).__name__} failed to evaluate its derivative at t={t}: {e}"
         ) from e
+
+
+def _broadcasts_to(shape, target) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to ``target`` without changing it."""
+    try:
+        return tuple(torch.broadcast_shapes(tuple(shape), tuple(target))) == tuple(target)
+    except RuntimeError:
+        return False
+
+
+def _name(fn) -> str:
+    inner = getattr(fn, "__wrapped__", fn)
+    name = getattr(inner, "__qualname__", None) or getattr(inner, "__name__", None) or type(inner).__name__
+    return f"{name}(t, y)"
 
 
 def _path_is_differentiable(path) -> bool:

@@ -10,5 +10,5 @@ from .rk import (
 from .implicit import ImplicitEuler, ImplicitMidpoint, Trapezoid, SDIRK2, TRBDF2, Kvaerno3, Kvaerno5, RadauIIA3, RadauIIA5, GaussLegendre4, GaussLegendre6, AbstractImplicitRK, ImplicitTableau  # noqa: E501
 from .adams import AdamsBashforthMoulton, ExplicitAdams, ImplicitAdams, FixedAdams, AdaptiveAdams
 from .reversible import AsynchronousLeapfrog, Reversible, ReversibleHeun
-from .sde import AbstractSDESolver, EulerHeun, EulerMaruyama, Heun, Midpoint, Milstein, ShARK, SRA1, SRID2, StepDoubling
+from .sde import AbstractSDESolver, EulerHeun, EulerMaruyama, Heun, LogODEMidpoint, Midpoint, Milstein, ShARK, SRA1, SRID2, StepDoubling  # noqa: E501
 from .fixed_point import AbstractFixedPointSolver, Anderson, Broyden, FixedPointError, FixedPointIteration, FixedPointResult, FixedPointWarning, NewtonKrylov, get_fixed_point_solver, gmres  # noqa: E501

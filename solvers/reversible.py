@@ -54,15 +54,28 @@ class ReversibleHeun(AbstractReversibleSolver):
     ``vf``/``contr``/``prod``, so the same class steps ODEs (``dX = dt``), and controlled terms.
     The error estimate ``(f(t1, z1) - f(t0, z0)) dX / 2`` (the difference to an Euler step) makes it adaptive.
 
+    On SDEs it converges to the Stratonovich solution (``sde_type``); a diffusion term declared Itô is
+    refused. Strong order 0.5 for general noise, 1.0 for diagonal, scalar and additive noise
+    (``strong_orders``; measured by the test suite).
+
     Kidger, Foster, Li & Lyons (2021), "Efficient and accurate gradients for neural SDEs", NeurIPS.
     """
 
     order = 2
+    sde_type = "stratonovich"
+    strong_orders = {"general": 0.5, "diagonal": 1.0, "scalar": 1.0, "additive": 1.0}
     strong_order = 0.5
     error_order = 2
     term_structure = "control"
 
+    def strong_order_for(self, noise: str):
+        """The strong order for the noise structure ``noise``."""
+        return self.strong_orders.get(noise)
+
     def init(self, terms, t0, t1, y0, args):
+        from .sde import _check_interpretation
+
+        _check_interpretation(self, terms)
         return (y0, terms.vf(_time(t0, y0), y0, args)), 1
 
     def step(self, terms, t0, t1, y0, args, solver_state):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.autograd.forward_ad as fwAD
 
 from nde._terms import ControlTerm, ODETerm, _ReversedTime
 
@@ -91,6 +90,65 @@ def _levy(term, t0, t1):
             "This solver needs space-time Lévy areas: drive the ControlTerm with "
             "nde.BrownianInterval(..., levy_area='space-time')."
         ) from None
+
+
+def _area(term, t0, t1):
+    """``(W, A)``: increment and space-space Lévy area of the diffusion term's control."""
+    base = _base(term)
+    path = getattr(base, "control", None)
+    if isinstance(term, _ReversedTime):
+        t0, t1 = -t0, -t1
+    fn = getattr(path, "evaluate_area", None)
+    if fn is None:
+        raise ValueError(
+            "This solver needs space-space Lévy areas for general noise: drive the ControlTerm with "
+            "nde.BrownianInterval(..., levy_area='davie' or 'foster')."
+        )
+    return fn(t0, t1)
+
+
+def _vjp_graph(fn, y):
+    """``(out, u, w)`` with ``out = fn(y)`` and ``w = (dout/dy)^T u`` as a function of a dummy cotangent ``u``
+    (None when ``out`` does not depend on ``y``).
+
+    Jacobian-vector products are then derivatives of ``w`` with respect to ``u`` (double backward).
+    Unlike forward-mode AD this also works inside a custom autograd Function's forward (where adjoints
+    run their forward solve), and the products stay differentiable for backpropagation."""
+    y_ = y if y.requires_grad else y.detach().requires_grad_(True)
+    out = fn(y_)
+    if not out.requires_grad:
+        return out, None, None
+    u = torch.zeros_like(out, requires_grad=True)
+    (w,) = torch.autograd.grad(out, y_, u, create_graph=True, allow_unused=True)
+    return out, u, w
+
+
+def jvp(fn, y, v):
+    """``(dfn/dy)(y) v`` (the output has ``fn(y)``'s shape); zeros when ``fn`` does not depend on ``y``."""
+    create = torch.is_grad_enabled()
+    with torch.enable_grad():
+        out, u, w = _vjp_graph(fn, y)
+        if w is None:
+            return torch.zeros_like(out)
+        (jv,) = torch.autograd.grad(w, u, v, create_graph=create, allow_unused=True)
+    return torch.zeros_like(out) if jv is None else jv
+
+
+def jvp_columns(fn, y, vs):
+    """``sum_l d(fn(y)[..., :, l])/dy . vs[..., :, l]``: the derivative of each column of the matrix
+    ``fn(y)`` (``(..., d, m)``) along its own direction; shape of ``y``. One double-backward a column."""
+    create = torch.is_grad_enabled()
+    total = None
+    with torch.enable_grad():
+        out, u, w = _vjp_graph(fn, y)
+        if w is not None:
+            m = out.shape[-1]
+            for l in range(m):
+                (jv,) = torch.autograd.grad(w, u, vs[..., l], create_graph=create, retain_graph=create or l < m - 1,
+                                            allow_unused=True)
+                if jv is not None:
+                    total = jv[..., l] if total is None else total + jv[..., l]
+    return torch.zeros_like(y) if total is None else total
 
 
 def _sum_prod(terms, t, y, args, controls):
@@ -173,8 +231,11 @@ class EulerMaruyama(AbstractSDESolver):
             # the common case in two fused operations: y0 + f dt + g * dW
             drift, diff = parts
             dW = _contr(diff, t0, t1, y0)
+            g = diff.vf(tt, y0, args)
+            if not diff._prod_checked:
+                diff._check_prod(g, dW)
             y1 = torch.add(y0, drift.vf(tt, y0, args), alpha=t1 - t0)
-            y1 = torch.addcmul(y1, diff.vf(tt, y0, args), dW)
+            y1 = torch.addcmul(y1, g, dW)
             return y1, None, {"y0": y0, "y1": y1}, None, 1
         y1 = y0
         for term in parts:
@@ -284,14 +345,62 @@ class EulerHeun(AbstractSDESolver):
         return y1, None, {"y0": y0, "y1": y1}, None, 2
 
 
+class LogODEMidpoint(AbstractSDESolver):
+    """The log-ODE midpoint method (Stratonovich); fixed steps.
+
+    Lie--Trotter splitting of the step's log-ODE with the explicit midpoint rule:
+    ``y' = y0 + (f(t0, y0) dt + g(t0, y0) W) / 2``,
+    ``y1 = y0 + f(t', y') dt + g(t', y') W + sum_l (dg_l/dy)(y') (g(t', y') A)_l`` with ``t'`` the
+    midpoint, ``W`` the increment and ``A`` the space-space Lévy area of the step (Davie's or Foster's
+    approximation from ``nde.BrownianInterval(levy_area="davie" | "foster")``); ``g_l`` is the
+    ``l``-th column of ``g``. The Lévy-area term vanishes for commutative (diagonal, scalar,
+    additive) noise, where the method is the midpoint method and no Lévy area is queried.
+    Strong order 0.5 for general noise (the area is approximated), 1.0 for commutative noise.
+
+    Foster (2020), "Numerical approximations for stochastic differential equations", thesis;
+    Davie (2014), "KMT theory applied to approximations of SDE", Springer Proc. Math. Stat. 100.
+    """
+
+    sde_type = _STRAT
+    strong_orders = {"general": 0.5, "diagonal": 1.0, "scalar": 1.0, "additive": 1.0}
+    supports_independent = False
+
+    def step(self, terms, t0, t1, y0, args, solver_state):
+        drift, diff = _split(terms, self)
+        general = _noise(diff) == "general"
+        if general:
+            W, A = _area(diff, t0, t1)
+            W, A = W.to(y0.dtype), A.to(y0.dtype)
+        else:
+            W = _contr(diff, t0, t1, y0)
+        dt = _interval(t0, t1, y0)
+        tt0 = _time(t0, y0)
+        k0 = diff.vf_prod(tt0, y0, args, W)
+        if drift:
+            k0 = k0 + dt * _drift_vf(drift, tt0, y0, args)
+        tm = _time(t0 + 0.5 * (t1 - t0), y0)
+        ym = y0 + 0.5 * k0
+        nfe = 2
+        if general:
+            g = diff.vf(tm, ym, args)
+            y1 = y0 + diff.prod(g, W) + jvp_columns(lambda z: diff.vf(tm, z, args), ym, g @ A)
+            nfe += g.shape[-1]
+        else:
+            y1 = y0 + diff.vf_prod(tm, ym, args, W)
+        if drift:
+            y1 = y1 + dt * _drift_vf(drift, tm, ym, args)
+        return y1, None, {"y0": y0, "y1": y1}, None, nfe
+
+
 # ---- Milstein ---------------------------------------------------------------------------------
 class Milstein(AbstractSDESolver):
     """The Milstein method for diagonal, scalar and additive noise; fixed steps.
 
     ``y1 = y0 + f dt + g dW + 1/2 (g' g) v`` with ``v = dW^2 - dt`` (Itô) or ``v = dW^2``
-    (Stratonovich), ``g' g`` the derivative of ``g`` along ``g`` (by forward-mode autodiff, or, with
+    (Stratonovich), ``g' g = (dg/dy) g`` the derivative of ``g`` along ``g`` (a Jacobian-vector product by
+    double backward; for scalar noise that of the one column along itself), or, with
     ``derivative_free=True``, the finite difference ``(g(y0 + g sqrt(dt)) - g(y0)) / sqrt(dt)``
-    with the Itô predictor ``y0 + f dt + g sqrt(dt)``). Strong order 1.0.
+    with the Itô predictor ``y0 + f dt + g sqrt(dt)``. Strong order 1.0.
     Milstein (1974), "Approximate integration of stochastic differential equations",
     *Theory Probab. Appl.* 19; Rößler (2010), "Runge--Kutta methods for the strong approximation of
     solutions of stochastic differential equations", *SIAM J. Numer. Anal.* 48.
@@ -350,11 +459,8 @@ class Milstein(AbstractSDESolver):
                 gdg = (gp - g) / sq
                 nfe = 2
             else:
-                with fwAD.dual_level():
-                    out = diff.vf(tt, fwAD.make_dual(y0, gvec), args)
-                    gdg = fwAD.unpack_dual(out).tangent
-                if gdg is None:  # g does not depend on y
-                    gdg = torch.zeros_like(g)
+                # (dg/dy) g, the derivative of g along g (for scalar noise, of the one column along itself)
+                gdg = jvp(lambda z: diff.vf(tt, z, args), y0, gvec)
             y1 = y1 + 0.5 * diff.prod(gdg, v)
         return y1, None, {"y0": y0, "y1": y1}, None, nfe
 

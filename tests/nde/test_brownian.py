@@ -136,7 +136,7 @@ def test_dtype_device_and_errors():
     with pytest.raises(ValueError, match="t0 < t1"):
         BrownianInterval(1.0, 0.0, (3,))
     with pytest.raises(ValueError, match="levy_area"):
-        BrownianInterval(0.0, 1.0, (3,), levy_area="davie")
+        BrownianInterval(0.0, 1.0, (3,), levy_area="levy")
     with pytest.raises(TypeError, match="seed"):
         BrownianInterval(0.0, 1.0, (3,), seed=1.5)
     assert isinstance(bm, nde.AbstractPath)
@@ -152,3 +152,76 @@ def test_fixed_grid_queries_are_cheap():
         bm.evaluate(i * 0.01, (i + 1) * 0.01)
     per_query = (time.perf_counter() - start) / 99
     assert per_query < 5e-4  # typically ~1e-5 s: a slice of pre-drawn cells
+
+
+def test_fraction_law_matches_gaussian_conditioning():
+    # (W1, I1) on the first fraction a of a unit interval given (W, I) of the whole: generic conditioning
+    from nde._brownian import _fraction_law
+
+    for a in (1e-3, 0.1, 0.37, 0.5, 0.93):
+        b = 1 - a
+        # X = (W1, I1, W2, I2), O = (W, I) = (W1 + W2, I1 + b W1 + I2)
+        sxx = np.zeros((4, 4))
+        sxx[:2, :2] = [[a, a * a / 2], [a * a / 2, a**3 / 3]]
+        sxx[2:, 2:] = [[b, b * b / 2], [b * b / 2, b**3 / 3]]
+        obs = np.array([[1.0, 0.0, 1.0, 0.0], [b, 1.0, 0.0, 1.0]])
+        cyo = sxx[:2] @ obs.T
+        soo = obs @ sxx @ obs.T
+        k = cyo @ np.linalg.inv(soo)
+        cov = sxx[:2, :2] - k @ cyo.T
+        k11, k12, k21, k22, l11, l21, l22 = _fraction_law(a, True)
+        np.testing.assert_allclose([[k11, k12], [k21, k22]], k, rtol=1e-9, atol=1e-12)
+        lo = np.array([[l11, 0.0], [l21, l22]])
+        np.testing.assert_allclose(lo @ lo.T, cov, rtol=1e-6, atol=1e-15)
+        assert _fraction_law(a, False)[4] == pytest.approx(math.sqrt(a * b))
+    # tiny fractions: nearly the unconditional law (Var W1 = a, Var(I1 - a W1 / 2) = a^3 / 12)
+    a = 1e-7
+    law = _fraction_law(a, True)
+    assert law[4] ** 2 == pytest.approx(a, rel=1e-5) and law[6] ** 2 == pytest.approx(a**3 / 12, rel=1e-4)
+
+
+def test_increments_exact_below_the_bridge_grid():
+    # a long interval with coarse cells: W(0.0001, 0.0002) used to round to an exactly zero increment
+    bm = BrownianInterval(0.0, 1000.0, (20000,), seed=3, dtype=torch.float64, dt_min=1e-5)
+    w = bm.evaluate(0.0001, 0.0002).numpy()
+    assert scipy.stats.kstest(w / math.sqrt(1e-4), "norm").pvalue > 1e-3
+    assert abs(w.var() / 1e-4 - 1) < 0.05
+    # without dt_min such an increment lies inside one leaf of the bridge: refused, with the fix named
+    coarse = BrownianInterval(0.0, 1000.0, (20000,), seed=3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="dt_min"):
+        coarse.evaluate(0.0001, 0.0002)
+    # increments shorter than a leaf but crossing a leaf boundary are exact too, with their Lévy area
+    bm = _bm(shape=(20000,), dt=0.1, levy_area="space-time")
+    r = bm.resolution
+    s = 0.3 + 0.7 * r
+    for h in (0.6 * r, 1.3 * r, 7.77 * r):
+        w, hh = bm.evaluate(s, s + h, use_levy=True)
+        assert scipy.stats.kstest(w.numpy() / math.sqrt(h), "norm").pvalue > 1e-3
+        assert scipy.stats.kstest(hh.numpy() / math.sqrt(h / 12), "norm").pvalue > 1e-3
+        assert abs(torch.corrcoef(torch.stack([w, hh]))[0, 1].item()) < 0.03
+
+
+def test_sub_leaf_points_are_consistent_and_independent():
+    bm = _bm(shape=(20000,), dt=0.1, levy_area="space-time")
+    r = bm.resolution
+    s, t, u = 0.5 + 0.2 * r, 0.5 + 1.45 * r, 0.5 + 2.9 * r   # three different leaves
+    a, b = bm.evaluate(s, t), bm.evaluate(t, u)
+    torch.testing.assert_close(a + b, bm.evaluate(s, u), rtol=0, atol=1e-15)
+    assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 0.03
+    assert abs(a.var().item() / (t - s) - 1) < 0.05 and abs(b.var().item() / (u - t) - 1) < 0.05
+    # the space-time Lévy area stays additive through the time integral (as on the grid)
+    (w1, h1), (w2, h2), (w, hh) = (bm.evaluate(x, y, use_levy=True) for x, y in ((s, t), (t, u), (s, u)))
+    i1, i2, i = (t - s) * (h1 + w1 / 2), (u - t) * (h2 + w2 / 2), (u - s) * (hh + w / 2)
+    torch.testing.assert_close(i, i1 + (u - t) * w1 + i2, rtol=0, atol=1e-14)
+    # a fresh instance queried in the opposite order gives the same values
+    fresh = _bm(shape=(20000,), dt=0.1, levy_area="space-time")
+    torch.testing.assert_close(fresh.evaluate(t, u), b, rtol=0, atol=0)
+    torch.testing.assert_close(fresh.evaluate(s, t), a, rtol=0, atol=0)
+
+
+def test_dt_min_sets_the_depth():
+    bm = BrownianInterval(0.0, 1.0, (2,), dt=0.1, dt_min=1e-6)
+    assert bm.resolution <= 1e-6 / 4 and bm.resolution > 1e-6 / 16
+    assert BrownianInterval(0.0, 1.0, (2,), dt=0.1).depth == 12
+    with pytest.raises(ValueError, match="dt_min"):
+        BrownianInterval(0.0, 1.0, (2,), dt_min=-1.0)

@@ -61,7 +61,7 @@ COMMUTATIVE = [
 ]
 
 
-@pytest.mark.parametrize("noise", ["diagonal", pytest.param("scalar", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("noise", ["diagonal", "scalar"])
 @pytest.mark.parametrize("solver,kind,order", COMMUTATIVE, ids=lambda x: repr(x) if not isinstance(x, (str, float)) else None)
 def test_strong_order_commutative_noise_against_exact_solution(solver, kind, order, noise):
     terms, y0, ito, strat = _gbm(noise, levy="space-time" if isinstance(solver, S.SRID2) else "none")
@@ -195,3 +195,48 @@ def test_pure_diffusion_sums_the_increments(solver):
     torch.testing.assert_close(y, bm.evaluate(0.0, 1.0), rtol=0, atol=1e-12)
     y = nde.solve(term, solver, 1.0, 0.0, torch.zeros(4, 2, dtype=DT), dt0=-0.1).ys[-1]
     torch.testing.assert_close(y, bm.evaluate(1.0, 0.0), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("levy", ["davie", "foster"])
+def test_log_ode_midpoint_general_noise(levy):
+    # the Lévy-area term: strong order 1/2 (the area is approximated) with a smaller error than midpoint's
+    n = 128
+    bm = BrownianInterval(0.0, 1.0, (n, 2), seed=2, dtype=DT, dt=2**-10, levy_area=levy)
+    terms, y0 = _general_terms(n)
+    terms = MultiTerm(terms.terms[0], ControlTerm(terms.terms[1].vector_field, bm))
+    ref = _final(terms, S.Heun(), y0, 2**-10)
+    hs = [2.0**-k for k in range(2, 7)]
+    errs = [(_final(terms, S.LogODEMidpoint(), y0, h) - ref).abs().mean().item() for h in hs]
+    mid = (_final(terms, S.Midpoint(), y0, hs[-1]) - ref).abs().mean().item()
+    solver = S.LogODEMidpoint()
+    assert solver.sde_type == "stratonovich" and solver.strong_order_for("general") == 0.5
+    assert abs(_slope(hs, errs) - 0.5) < 0.2, errs  # measured 0.58
+    assert errs[-1] < 0.9 * mid, (errs[-1], mid)  # measured 0.0121 against 0.0156
+
+
+def test_log_ode_midpoint_is_midpoint_for_commutative_noise():
+    terms, y0, _, _ = _gbm("diagonal", n=8)
+    a = _final(terms, S.LogODEMidpoint(), y0, 0.1)
+    b = _final(terms, S.Midpoint(), y0, 0.1)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
+    gterms, gy0 = _general_terms(4)  # a Brownian motion without space-space area is refused
+    with pytest.raises(ValueError, match="davie"):
+        _final(gterms, S.LogODEMidpoint(), gy0, 0.1)
+
+
+@pytest.mark.parametrize("adjoint", [nde.CheckpointAdjoint(), nde.BacksolveAdjoint()], ids=repr)
+def test_milstein_keeps_its_derivative_term_inside_adjoints(adjoint):
+    # adjoints run the forward solve inside an autograd Function, where forward-mode AD is off: the
+    # Milstein term (dg/dy) g computed by forward-mode AD silently vanished there
+    bm = BrownianInterval(0.0, 1.0, (8, 1), seed=0, dtype=DT, dt=0.1)
+    lin = torch.nn.Linear(2, 2).double()
+    terms = MultiTerm(ODETerm(lambda t, y: -y),
+                      ControlTerm(lambda t, y: torch.sin(lin(y)).unsqueeze(-1), bm, noise="scalar"))
+    y0 = torch.ones(8, 2, dtype=DT, requires_grad=True)
+    solver = S.Milstein("stratonovich") if isinstance(adjoint, nde.BacksolveAdjoint) else S.Milstein()
+    try:
+        a = nde.solve(terms, solver, 0.0, 1.0, y0, dt0=0.1, adjoint=adjoint).ys[-1]
+    except ValueError:
+        pytest.skip("this adjoint does not take Milstein")
+    b = nde.solve(terms, solver, 0.0, 1.0, y0, dt0=0.1).ys[-1]
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
