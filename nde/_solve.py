@@ -441,7 +441,7 @@ def _integrate_joint(p: Problem) -> Solution:
         num_steps += 1
         if constant:
             accept, nt0, nt1, jump, cstate, _ = controller.adapt_joint(t, t_next, y, y1, y_err, cstate)
-            if not bool(torch.isfinite(y1).all()):
+            if not _all_finite(y1):
                 result = RESULTS.nonfinite
                 if p.throw:
                     _fail(p, result, t_next, num_steps, _bad_samples(y1, p))
@@ -509,6 +509,24 @@ def _integrate_joint(p: Problem) -> Solution:
     res = torch.tensor(int(result))
     sol = Solution(out_ts, ys, stats, res, p.t0_in, p.t1_in, dense=dense, batch_mode="joint")
     return sol if ev is None else ev.finish(sol, hit)
+
+
+def _all_finite(y):
+    """Whether every element of ``y`` is finite, in one reduction: a NaN or inf makes the sum non-finite;
+    a non-finite sum of finite values (an overflow) is settled by the elementwise check."""
+    with torch.no_grad():
+        s = float(y.sum())
+        return math.isfinite(s) or bool(torch.isfinite(y).all())
+
+
+def _finite_per_sample(y):
+    """Per sample (leading dimension): whether all its elements are finite (as :func:`_all_finite`)."""
+    with torch.no_grad():
+        flat = y.reshape(y.shape[0], -1)
+        ok = torch.isfinite(flat.sum(1))
+        if bool(ok.all()):
+            return ok
+        return torch.isfinite(flat).all(1)
 
 
 def _bad_samples(y1, p):
@@ -722,7 +740,7 @@ def _integrate_independent(p: Problem) -> Solution:
         nfe_w.add_(active, alpha=n)
         accept, nt0, nt1, cstate, _ = controller.adapt_batch(t, tn, y, y1, y_err, cstate, norm_fn)
         if constant:
-            finite = torch.isfinite(y1.reshape(y1.shape[0], -1)).all(1)
+            finite = _finite_per_sample(y1)
             bad = active & ~finite
             if bool(bad.any()):
                 result[widx[bad]] = int(RESULTS.nonfinite)

@@ -156,13 +156,12 @@ class ExplicitRK(AbstractSolver):
         # with a kink at a step boundary contributes its one-sided derivative (1 ulp inside).
         inside = tab.ends and not ode_only
         if joint:
-            # one tensor op gives every stage time, in the dtype of the state
-            ts = torch.tensor([t0 + ci * dt for ci in tab.c], dtype=y0.dtype, device=y0.device)
+            # every stage time in one host-to-tensor copy, in the dtype of the state
+            vals = [t0 + ci * dt for ci in tab.c]
             if inside:
-                ends = torch.tensor([t0, t1], dtype=y0.dtype, device=y0.device)
-                lo, hi = torch.nextafter(ends, ends.flip(0)).unbind()
-                ts = torch.where(co["at0"], lo, torch.where(co["at1"], hi, ts))
-            ts = ts.unbind()
+                lo, hi = _inside_ends(t0, t1, y0.dtype)
+                vals = [lo if ci == 0.0 else hi if ci == 1.0 else v for ci, v in zip(tab.c, vals)]
+            ts = _times_tensor(vals, y0).unbind()
         else:
             c = co["c"].reshape((-1,) + (1,) * t0.dim())
             ts = torch.addcmul(t0, c, dt64).to(y0.dtype).unbind(0)  # every stage time in one operation
@@ -245,6 +244,28 @@ class ExplicitRK(AbstractSolver):
         d10 = (1 - th) * (1 - 3 * th)
         d11 = th * (3 * th - 2)
         return d00 * (y0 - y1) / dtb + d10 * f0 + d11 * f1, nfe
+
+
+_NUMPY_DTYPES = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16}
+
+
+def _inside_ends(t0, t1, dtype):
+    """``t0`` and ``t1`` rounded to ``dtype`` and moved one ulp (of ``dtype``) towards each other."""
+    nd = _NUMPY_DTYPES.get(dtype)
+    if nd is None:
+        ends = torch.tensor([t0, t1], dtype=dtype)
+        lo, hi = torch.nextafter(ends, ends.flip(0)).tolist()
+        return lo, hi
+    a, b = nd(t0), nd(t1)
+    return float(np.nextafter(a, b)), float(np.nextafter(b, a))
+
+
+def _times_tensor(vals, y):
+    """A 1-D tensor of the Python floats ``vals`` in the dtype and on the device of ``y``."""
+    nd = _NUMPY_DTYPES.get(y.dtype)
+    if nd is not None and y.device.type == "cpu":
+        return torch.from_numpy(np.array(vals, dtype=nd))
+    return torch.tensor(vals, dtype=y.dtype, device=y.device)
 
 
 def _bcast(dt, y):
