@@ -73,13 +73,14 @@ class StepCell:
 class OneSided:
     """``func(t, y)`` evaluated one ulp inside the current step at the ends its :class:`StepCell` flags."""
 
-    # (declared, so that wrapping it as a vector field needs no signature inspection)
-    __signature__ = inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in "ty"])
+    # (declared as nde's f(t, y, args), so that a term calls it directly, with no adapter between)
+    __signature__ = inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                                       for n in ("t", "y", "args")])
 
     def __init__(self, func, cell):
         self.func, self.cell = func, cell
 
-    def __call__(self, t, y):
+    def __call__(self, t, y, args=None):
         if self.cell.on and isinstance(t, torch.Tensor) and t.dim() == 0:
             t = self.cell.inside(t)
         return self.func(t, y)
