@@ -217,6 +217,10 @@ def _prepare(terms, solver, t0, t1, y0, dt0, args, saveat, controller, max_steps
             per_sample = True
         if tst.shape[-1] == 0:
             raise ValueError("SaveAt(ts=...) is empty.")
+        if not per_sample and (isinstance(t0f, torch.Tensor) or isinstance(t1f, torch.Tensor)):
+            # times shared by samples with intervals of their own: every sample saves at all of them
+            tst = tst.expand(bshape + (tst.shape[-1],)).clone()
+            per_sample = True
         if not bool(torch.isfinite(tst).all()):
             raise ValueError("SaveAt(ts=...) contains NaN or inf.")
         its = tst * sign

@@ -455,3 +455,17 @@ def test_independent_mode_finished_samples_stop_costing_work():
     assert seen[0] == 4 and seen[-1] == 1
     assert seen.count(1) > 0.8 * len(seen)
     torch.testing.assert_close(sol.ys[-1], torch.exp(-t1)[:, None].expand(4, 2), rtol=1e-6, atol=1e-9)
+
+
+def test_shared_ts_with_per_sample_intervals():
+    y0 = torch.ones(3, 1, dtype=torch.float64)
+    t1 = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    ts = torch.tensor([0.5, 1.0], dtype=torch.float64)
+    sol = nde.solve(lambda t, y, a: -y, Tsit5(), 0.0, t1, y0, saveat=nde.SaveAt(ts=ts, t1=True),
+                    batch_mode="independent", controller=nde.PIDController(rtol=1e-9, atol=1e-9))
+    assert sol.ys.shape == (3, 3, 1) and sol.ts.shape == (3, 3)
+    torch.testing.assert_close(sol.ys[:2, :, 0], torch.exp(-ts)[:, None].expand(2, 3), rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(sol.ys[2, :, 0], torch.exp(-t1), rtol=1e-7, atol=1e-9)
+    with pytest.raises(ValueError, match="inside"):
+        nde.solve(lambda t, y, a: -y, Tsit5(), 0.0, t1, y0, saveat=nde.SaveAt(ts=torch.tensor([0.5, 2.5])),
+                  batch_mode="independent")
