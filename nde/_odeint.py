@@ -271,14 +271,15 @@ def _check_t(t):
         raise TypeError(f"t must be a floating-point tensor; got dtype {t.dtype}.")
     if t.dim() != 1 or t.numel() == 0:
         raise ValueError(f"t must be a non-empty 1-D tensor of times; got shape {tuple(t.shape)}.")
-    vals = t.detach().to(torch.float64).cpu()
-    if not bool(torch.isfinite(vals).all()):
+    vals = t.detach().to(torch.float64).cpu().tolist()
+    # (on the host: a few comparisons of Python floats cost less than tensor operations)
+    if not all(math.isfinite(v) for v in vals):
         raise ValueError("t contains NaN or inf.")
-    if vals.numel() > 1:
-        d = vals[1:] - vals[:-1]
-        if not (bool((d > 0).all()) or bool((d < 0).all())):
+    if len(vals) > 1:
+        pairs = list(zip(vals[:-1], vals[1:]))
+        if not (all(a < b for a, b in pairs) or all(a > b for a, b in pairs)):
             raise ValueError("t must be strictly increasing or strictly decreasing.")
-    return t, vals.tolist()
+    return t, vals
 
 
 # ---- the common set-up -----------------------------------------------------------------------

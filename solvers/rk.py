@@ -63,6 +63,8 @@ class ButcherTableau:
                 "sol": t(self._sol[1]),
                 "err": None if self._err is None else t(self._err[1]),
                 "dense": None if self.dense is None else torch.tensor(self.dense, dtype=dtype, device=device),
+                "denseT": None if self.dense is None else torch.tensor(self.dense.T.copy(), dtype=dtype, device=device),
+                "exps": None if self.dense is None else torch.arange(self.dense.shape[1], dtype=dtype, device=device),
                 "c": torch.tensor(self.c, dtype=torch.float64, device=device),
                 "at0": torch.tensor([ci == 0.0 for ci in self.c], device=device),
                 "at1": torch.tensor([ci == 1.0 for ci in self.c], device=device),
@@ -214,8 +216,15 @@ class ExplicitRK(AbstractSolver):
         y0 = dense_info["y0"]
         dt = t1 - t0
         if tab.dense is not None:
-            P = tab.tensors(y0.dtype, y0.device)["dense"]
-            b = _poly_basis(P, theta)  # (s, *theta.shape)
+            co = tab.tensors(y0.dtype, y0.device)
+            if isinstance(dt, float) and theta.dim() == y0.dim() + 1:
+                # joint mode, m times at once: y0 + dt * (theta^p @ P^T) @ K in three fused operations
+                m = theta.shape[0]
+                powers = theta.reshape(m, 1) ** co["exps"]  # (m, deg + 1)
+                K = torch.stack(dense_info["k"]).reshape(len(dense_info["k"]), -1)
+                out = torch.addmm(y0.reshape(1, -1), torch.mm(powers, co["denseT"]), K, alpha=dt)
+                return out.reshape((m,) + y0.shape), 0
+            b = _poly_basis(co["dense"], theta)  # (s, *theta.shape)
             return y0 + _weighted_sum(b, dense_info["k"], y0) * _bcast(dt, y0), 0
         f1, nfe = self._f1(terms, args, t1, dense_info)
         y1, f0 = dense_info["y1"], dense_info["k"][0]
