@@ -69,7 +69,8 @@ def marginal_distance(gan, n=2048):
 gan = SDEGAN(1, initial_noise_size=4, noise_size=2, hidden_size=8, width=16, depth=1, dt=0.1)
 og = torch.optim.Adadelta(gan.generator.parameters(), lr=1.0)
 od = torch.optim.Adadelta(gan.discriminator.parameters(), lr=1.0)
-print(f"before training: mean marginal W1 = {marginal_distance(gan):.3f}")
+before = marginal_distance(gan)
+print(f"before training: mean marginal W1 = {before:.3f}")
 averaged = torch.optim.swa_utils.AveragedModel(gan.generator)
 start = time.time()
 for it in range(1201):
@@ -93,6 +94,9 @@ last = marginal_distance(gan)
 gan.generator.load_state_dict(averaged.module.state_dict())
 final = marginal_distance(gan)
 print(f"after training: mean marginal W1 = {last:.3f} (last iterate), {final:.3f} (weight average)")
+# the weight-averaged generator matches the marginals to W1 < 0.15 (0.07 when this was written, from
+# 0.54 before training; the process has standard deviation about 0.3)
+assert final < 0.15 and final < before / 3, (before, final)
 
 # %%
 with torch.no_grad():
