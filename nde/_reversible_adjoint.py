@@ -245,8 +245,19 @@ def _to_shape(x, like):
     return x if x.shape == like.shape else x.sum_to_size(like.shape)
 
 
+def _transpose_elementwise(c, a, like, out=None):
+    """``out + a * c`` summed to ``like``'s shape (``out`` may be None): the transpose of ``v -> v * c``."""
+    if out is not None and out.shape == like.shape == a.shape:
+        if not isinstance(c, torch.Tensor):
+            return torch.add(out, a, alpha=c)
+        if torch.broadcast_shapes(a.shape, c.shape) == a.shape:
+            return torch.addcmul(out, a, c)
+    r = _to_shape(a * c, like)
+    return r if out is None else out + r
+
+
 def _prod_transposes(terms):
-    """Closed-form transposes ``(c, a, like) -> dprod/dv^T a`` of the terms' products, or None.
+    """Closed-form transposes ``(c, a, like, out=None) -> out + dprod/dv^T a`` of the terms' products, or None.
 
     Available for :class:`~nde.ODETerm` and :class:`~nde.ControlTerm` (and MultiTerms of them, in either
     time direction) with their own products; other terms go through autograd.
@@ -258,20 +269,36 @@ def _prod_transposes(terms):
     for term in parts:
         base = term.term if isinstance(term, _ReversedTime) else term
         if type(base).prod is ODETerm.prod or (type(base).prod is ControlTerm.prod and base.noise == "diagonal"):
-            out.append(lambda c, a, like: _to_shape(a * c, like))
+            out.append(_transpose_elementwise)
         elif type(base).prod is ControlTerm.prod and base.noise == "scalar":
-            out.append(lambda c, a, like: _to_shape((a * c).unsqueeze(-1), like))
+            out.append(lambda c, a, like, out=None: _plus(out, _to_shape((a * c).unsqueeze(-1), like)))
         elif type(base).prod is ControlTerm.prod:
-            out.append(lambda c, a, like: _to_shape(a.unsqueeze(-1) * c.unsqueeze(-2), like))
+            out.append(lambda c, a, like, out=None: _plus(out, _to_shape(a.unsqueeze(-1) * c.unsqueeze(-2), like)))
         else:
             return None
     return out
 
 
+def _plus(out, x):
+    return x if out is None else out + x
+
+
 def _accumulate(grads, res):
+    """Add the parameter gradients ``res`` into ``grads``: in place, in one fused call, on copies that
+    this backward pass owns (a gradient autograd hands out may alias a cotangent)."""
+    into, add = [], []
     for j, gp in enumerate(res):
-        if gp is not None:
-            grads[j] = gp if grads[j] is None else grads[j] + gp
+        if gp is None:
+            continue
+        if grads[j] is None:
+            grads[j] = gp.clone()
+        elif gp.requires_grad or grads[j].requires_grad:
+            grads[j] = grads[j] + gp
+        else:
+            into.append(grads[j])
+            add.append(gp)
+    if into:
+        torch._foreach_add_(into, add)
 
 
 def _end_cotangents(per_step, i, ct, a_y):
@@ -381,18 +408,21 @@ def _heun_backward(p, T, rec, per_step, ct, params, grads, mon):
 
     transposes = _prod_transposes(terms)
 
-    def prod_t(c, a, like):
-        # the transpose of v -> prod(v, c) (linear in v), for a vector field or a tuple of them (MultiTerm)
+    def prod_t(c, a, like, out=None):
+        # out + the transpose of v -> prod(v, c) (linear in v) applied to a, for a vector field or a tuple
+        # of them (MultiTerm); out may be None
         if transposes is not None:
             if isinstance(like, tuple):
-                return tuple(tr(ci, a, v) for tr, ci, v in zip(transposes, c, like))
-            return transposes[0](c, a, like)
+                if out is None:
+                    return tuple(tr(ci, a, v) for tr, ci, v in zip(transposes, c, like))
+                return tuple(tr(ci, a, v, o) for tr, ci, v, o in zip(transposes, c, like, out))
+            return transposes[0](c, a, like, out)
         with torch.enable_grad():
             vl = _tmap(lambda x: x.detach().requires_grad_(True), like)
-            out = terms.prod(vl, c)
-            res = torch.autograd.grad(out, list(_parts(vl)), a, allow_unused=True)
+            res = torch.autograd.grad(terms.prod(vl, c), list(_parts(vl)), a, allow_unused=True)
         g = [torch.zeros_like(x) if r is None else r for x, r in zip(_parts(vl), res)]
-        return tuple(g) if isinstance(like, tuple) else g[0]
+        g = tuple(g) if isinstance(like, tuple) else g[0]
+        return g if out is None else _tmap(torch.add, out, g)
 
     def vjp_f(vv, zl, a):
         keep = [(o, g) for o, g in zip(_parts(vv), _parts(a)) if o.requires_grad]
@@ -420,7 +450,8 @@ def _heun_backward(p, T, rec, per_step, ct, params, grads, mon):
     y, (z, _) = rec.y, rec.state
     zl, vv = f_graph(T[-1], z)
     nfe = 1
-    a_y, a_z, a_v = torch.zeros_like(y), torch.zeros_like(y), _tmap(torch.zeros_like, vv)
+    # adjoints of y, of z (kept negated: m = -a_z) and of the stored vector field; None while zero
+    a_y, m, a_v = torch.zeros_like(y), None, None
     for i in range(len(T) - 2, -1, -1):
         t0, t1 = T[i], T[i + 1]
         mon.at(i, y)
@@ -440,15 +471,21 @@ def _heun_backward(p, T, rec, per_step, ct, params, grads, mon):
         nfe += 1
         with torch.no_grad():
             v0 = _tmap(torch.Tensor.detach, vv0)
-            y0 = y - 0.5 * (terms.prod(v0, c) + d1)
-        half = _tmap(lambda x: 0.5 * x, prod_t(c, a_y, v1))
-        a_z1 = a_z + vjp_f(vv, zl, _tmap(torch.add, a_v, half))
+            y0 = torch.add(y, terms._prod_add(d1, v0, c), alpha=-0.5)  # y - (prod(v0, c) + d1) / 2
+        half_a_y = 0.5 * a_y
+        half = prod_t(c, half_a_y, v1)
+        g = vjp_f(vv, zl, half if a_v is None else _tmap(torch.add, a_v, half))
+        a_z1 = g if m is None else g - m
         if c_grad:
-            prod_tc(c, [(v1, 0.5 * a_y), (v0, 0.5 * a_y + a_z1)])
-        a_y = a_y + 2 * a_z1 + (extra if extra is not None else 0)
-        a_z = -a_z1
-        a_v = _tmap(torch.add, half, prod_t(c, a_z1, v1))
+            prod_tc(c, [(v1, half_a_y), (v0, half_a_y + a_z1)])
+        a_y = torch.add(a_y, a_z1, alpha=2)
+        if extra is not None:
+            a_y = a_y + extra
+        m = a_z1
+        a_v = prod_t(c, a_z1, v1, out=half)
         y, zl, vv = y0, zl0, vv0
     mon.finish(y)
-    a_y = a_y + a_z + vjp_f(vv, zl, a_v)
+    a_y = a_y + (vjp_f(vv, zl, a_v) if a_v is not None else 0)
+    if m is not None:
+        a_y = a_y - m
     return a_y, nfe

@@ -79,6 +79,10 @@ class AbstractTerm(abc.ABC):
         """``prod(vf(t, y, args), control)``; terms may fuse the two."""
         return self.prod(self.vf(t, y, args), control)
 
+    def _prod_add(self, out, vf, control):
+        """``out + prod(vf, control)``, in one fused operation where the product allows it."""
+        return out + self.prod(vf, control)
+
     def ode(self, t, y, args):
         """``dy/dt`` of this term seen as an ODE. Terms that are not (Brownian controls) raise."""
         raise NotImplementedError(
@@ -125,6 +129,13 @@ class ODETerm(AbstractTerm):
 
     def prod(self, vf, control):
         return vf * control
+
+    def _prod_add(self, out, vf, control):
+        if type(self).prod is not ODETerm.prod or not isinstance(vf, torch.Tensor):
+            return out + self.prod(vf, control)
+        if isinstance(control, torch.Tensor):
+            return torch.addcmul(out, vf, control)
+        return torch.add(out, vf, alpha=control)
 
     def __repr__(self):
         return f"ODETerm({self.vector_field!r})"
@@ -194,6 +205,11 @@ class ControlTerm(AbstractTerm):
         if self.noise == "scalar":
             return vf[..., 0] * control
         return matrix_vector(vf, control)
+
+    def _prod_add(self, out, vf, control):
+        if self.noise == "diagonal" and self._prod_checked and type(self).prod is ControlTerm.prod:
+            return torch.addcmul(out, vf, control)
+        return out + self.prod(vf, control)
 
     def vf_prod(self, t, y, args, control):
         if self._vf_prod is not None:
@@ -347,8 +363,12 @@ class MultiTerm(AbstractTerm):
     def prod(self, vf, control):
         out = None
         for term, v, c in zip(self.terms, vf, control):
-            p = term.prod(v, c)
-            out = p if out is None else out + p
+            out = term.prod(v, c) if out is None else term._prod_add(out, v, c)
+        return out
+
+    def _prod_add(self, out, vf, control):
+        for term, v, c in zip(self.terms, vf, control):
+            out = term._prod_add(out, v, c)
         return out
 
     def vf_prod(self, t, y, args, control):

@@ -81,12 +81,13 @@ class ReversibleHeun(AbstractReversibleSolver):
     def step(self, terms, t0, t1, y0, args, solver_state):
         z0, vf0 = solver_state
         c = _cast(terms.contr(t0, t1), y0)
-        z1 = 2 * y0 - z0 + terms.prod(vf0, c)
+        d0 = terms.prod(vf0, c)
+        z1 = torch.add(d0 - z0, y0, alpha=2)  # 2 y0 - z0 + d0
         vf1 = terms.vf(_time(t1, y0), z1, args)
-        d0, d1 = terms.prod(vf0, c), terms.prod(vf1, c)
-        y1 = y0 + 0.5 * (d0 + d1)
+        d1 = terms.prod(vf1, c)
+        y1 = torch.add(y0, d0 + d1, alpha=0.5)
         with torch.no_grad():
-            y_err = 0.5 * (d1 - d0)
+            y_err = torch.sub(d1, d0).mul_(0.5)
         return y1, y_err, {"y0": y0, "y1": y1}, (z1, vf1), 1
 
     def reverse_step(self, terms, t0, t1, y1, args, solver_state):
