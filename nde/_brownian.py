@@ -197,6 +197,7 @@ class _LRU(OrderedDict):
 
 
 _LEVY_AREAS = ("none", "space-time", "davie", "foster")
+_SUPER = 32  # chunk starts kept for good at every _SUPER-th chunk
 _SNAP = 1e-9  # positions within this fraction of a leaf of its ends are taken on them
 
 
@@ -244,6 +245,10 @@ class BrownianInterval(AbstractPath):
         is raised until leaves are at most ``dt_min / 4`` wide (step doubling queries half steps).
     cache_size:
         Number of bridge nodes and point values kept (LRU); None keeps 256, or more for small shapes.
+    chunk_elements:
+        Cells are drawn in chunks of about this many numbers; a few chunks are cached (more while one
+        query spans more, as per-sample queries do), so the memory a solve holds for the path does not
+        grow with its number of steps.
     size, entropy, levy_area_approximation:
         torchsde's names of ``shape``, ``seed`` and ``levy_area`` (so ``import nde as torchsde`` scripts
         construct it unchanged, and ``bm(ta, tb, return_U=..., return_A=...)`` works as in torchsde);
@@ -251,7 +256,7 @@ class BrownianInterval(AbstractPath):
     """
 
     def __init__(self, t0, t1, shape=None, seed=None, levy_area="none", dtype=None, device=None, dt=None,
-                 depth=None, dt_min=None, cache_size=None, chunk_elements=1 << 21, *, size=None, entropy=None,
+                 depth=None, dt_min=None, cache_size=None, chunk_elements=1 << 16, *, size=None, entropy=None,
                  levy_area_approximation=None, tol=None, pool_size=None, halfway_tree=None, W=None, H=None):
         # torchsde's keywords (size, entropy, levy_area_approximation; tol, pool_size and halfway_tree
         # tune torchsde's own tree and have no counterpart: this path is exact and order-independent)
@@ -339,8 +344,12 @@ class BrownianInterval(AbstractPath):
         self._nodes = _LRU(nodes)
         self._points = _LRU(nodes)
         self._chunks = _LRU(2 if nodes < 64 else 4)
-        self._chunk_start = [(torch.zeros(shape, dtype=torch.float64, device=self.device),
+        # W and J at chunk starts: kept at every _SUPER-th chunk, the others computed from there along the
+        # same chain of additions (so the same values whatever was cached) and kept in small LRUs
+        self._super_start = [(torch.zeros(shape, dtype=torch.float64, device=self.device),
                               torch.zeros(shape, dtype=torch.float64, device=self.device) if self._levy else None)]
+        self._starts = _LRU(8)
+        self._totals = _LRU(_SUPER)
         self._grid_tol = 1e-9 * dt
         self._bridge = np.concatenate([_M, _L], 1).tolist()
 
@@ -535,15 +544,43 @@ class BrownianInterval(AbstractPath):
             data.update(W=W, I=I, PW=PW, PJ=PJ)
         return data
 
-    def _start_of_chunk(self, c):
-        while len(self._chunk_start) <= c:
-            i = len(self._chunk_start) - 1
+    def _fit_chunks(self, n):
+        """Let the chunk cache hold the ``n`` chunks one query needs (and two more)."""
+        if self._chunks.size < n + 2:
+            self._chunks.size = n + 2
+
+    def _advance(self, i, start):
+        """``(W, J)`` at the start of chunk ``i + 1`` from those at the start of chunk ``i``."""
+        tot = self._totals.get(i)
+        if tot is None:
             d = self._chunk_data(i, prefix=True)
-            ws, js = self._chunk_start[i]
-            nw = ws + d["PW"][-1]
-            nj = None if js is None else js + d["len"] * ws + d["PJ"][-1]
-            self._chunk_start.append((nw, nj))
-        return self._chunk_start[c]
+            tot = (d["PW"][-1], d["PJ"][-1] if self._levy else None, d["len"])
+            self._totals.put(i, tot)
+        ws, js = start
+        tw, tj, length = tot
+        return ws + tw, (None if js is None else js + length * ws + tj)
+
+    def _start_of_chunk(self, c):
+        v = self._starts.get(c)
+        if v is not None:
+            return v
+        s = c // _SUPER
+        while len(self._super_start) <= s:
+            k = len(self._super_start) - 1
+            v = self._super_start[k]
+            for i in range(k * _SUPER, (k + 1) * _SUPER):
+                v = self._advance(i, v)
+            self._super_start.append(v)
+        b, v = s * _SUPER, self._super_start[s]
+        for j in range(c - 1, s * _SUPER, -1):
+            w = self._starts.get(j)
+            if w is not None:
+                b, v = j, w
+                break
+        for i in range(b, c):
+            v = self._advance(i, v)
+        self._starts.put(c, v)
+        return v
 
     def _grid_value(self, k):
         """``(W, J)`` at the grid point ``t0 + k dt`` (float64)."""
@@ -786,7 +823,9 @@ class BrownianInterval(AbstractPath):
             rows = torch.tensor(grid, device=self.device)
             last = (self.n_cells - 1) // self._chunk
             chunks = torch.clamp(ks // self._chunk, max=last)
-            for c in torch.unique(chunks).tolist():
+            needed = torch.unique(chunks).tolist()
+            self._fit_chunks(len(needed))
+            for c in needed:
                 sel = chunks == c
                 k, r = ks[sel], rows[sel]
                 d = self._chunk_data(c, prefix=True)
@@ -819,7 +858,9 @@ class BrownianInterval(AbstractPath):
         base_W, base_J, cell_W, cell_I = (torch.empty((R, rest), dtype=torch.float64, device=dev) for _ in range(4))
         last = (self.n_cells - 1) // self._chunk
         chunks = torch.clamp(k // self._chunk, max=last)
-        for c in torch.unique(chunks).tolist():
+        needed = torch.unique(chunks).tolist()
+        self._fit_chunks(len(needed))
+        for c in needed:
             sel = (chunks == c).nonzero().flatten()
             d = self._chunk_data(c, prefix=True)
             ws, js = self._start_of_chunk(c)

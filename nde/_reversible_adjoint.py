@@ -250,7 +250,7 @@ def _transpose_elementwise(c, a, like, out=None):
     if out is not None and out.shape == like.shape == a.shape:
         if not isinstance(c, torch.Tensor):
             return torch.add(out, a, alpha=c)
-        if torch.broadcast_shapes(a.shape, c.shape) == a.shape:
+        if c.shape == a.shape or c.dim() == 0:
             return torch.addcmul(out, a, c)
     r = _to_shape(a * c, like)
     return r if out is None else out + r
