@@ -3,7 +3,7 @@
 Problems (2-hidden-layer tanh MLP vector fields, random initial states, Dopri5):
   * batch 256, state dim 16, width 64, t1 = 5
   * batch 16,  state dim 4,  width 32, t1 = 10
-at rtol = atol = 1e-6 and 1e-8. For every library: median forward wall time over repeats, NFE,
+at rtol = atol = 1e-6 and 1e-8. For every library: median forward wall time over repeats (interleaved), NFE,
 steps, and the overhead factor = wall time / (NFE x time of one vector-field evaluation), whose
 physical limit for an eager implementation is 1.0.
 
@@ -25,24 +25,23 @@ def mlp(dim, width):
     return nn.Sequential(nn.Linear(dim, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, dim))
 
 
-def timeit(fn, repeats):
-    fn()  # warm up
-    times = []
+def interleaved(fns, repeats, net, y0, evals=20):
+    """Median wall time of each solve, and of one vector-field evaluation, measured round-robin (every
+    round times each solve once and ``evals`` evaluations), so that load changes hit all alike."""
+    outs = [fn() for fn in fns]  # warm up
+    times = [[] for _ in fns]
+    per_eval = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
-
-
-def eval_time(net, y0, repeats=200):
-    with torch.no_grad():
-        for _ in range(20):
-            net(y0)
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            net(y0)
-        return (time.perf_counter() - t0) / repeats
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            for _ in range(evals):
+                net(y0)
+            per_eval.append((time.perf_counter() - t0) / evals)
+    return [statistics.median(ts) for ts in times], outs, statistics.median(per_eval)
 
 
 def run_nde(net, y0, t1, tol, solver, batch_mode):
@@ -112,7 +111,6 @@ def main():
         net = mlp(dim, width)
         torch.manual_seed(1)
         y0 = torch.randn(batch, dim)
-        t_f = eval_time(net, y0)
         for tol in tols:
             runs = [("torchdiffeq dopri5", run_torchdiffeq(net, y0, t1, tol))]
             try:
@@ -129,8 +127,8 @@ def main():
                 ("nde Dopri5 independent", run_nde(net, y0, t1, tol, nde.solvers.Dopri5(), "independent")),
             ]
             res = {}
-            for lib, go in runs:
-                wall, (nfe, steps) = timeit(go, a.repeats)
+            walls, outs, t_f = interleaved([go for _, go in runs], a.repeats, net, y0)
+            for (lib, go), wall, (nfe, steps) in zip(runs, walls, outs):
                 res[lib] = (wall, nfe)
                 base = res["torchdiffeq dopri5"][0]
                 over = wall / (nfe * t_f)
