@@ -12,6 +12,7 @@ from ._adjoint_common import (
     JointStepper, Recorder, assemble_grads, check_supported, collect_params, function_inputs, output_map,
     run_with_function, time_grads, time_inputs,
 )
+from ._terms import add_product
 
 
 def check_reversible(solver):
@@ -247,13 +248,10 @@ def _to_shape(x, like):
 
 def _transpose_elementwise(c, a, like, out=None):
     """``out + a * c`` summed to ``like``'s shape (``out`` may be None): the transpose of ``v -> v * c``."""
-    if out is not None and out.shape == like.shape == a.shape:
-        if not isinstance(c, torch.Tensor):
-            return torch.add(out, a, alpha=c)
-        if c.shape == a.shape or c.dim() == 0:
-            return torch.addcmul(out, a, c)
-    r = _to_shape(a * c, like)
-    return r if out is None else out + r
+    if (out is not None and out.shape == like.shape == a.shape
+            and (not isinstance(c, torch.Tensor) or c.dim() == 0 or c.shape == a.shape)):
+        return add_product(out, a, c)  # no summing: one fused operation
+    return _plus(out, _to_shape(a * c, like))
 
 
 def _prod_transposes(terms):

@@ -22,6 +22,13 @@ import torch
 from ._path import AbstractPath
 
 
+def add_product(out, x, c):
+    """``out + x * c`` in one operation (``c`` a number or a tensor)."""
+    if isinstance(c, torch.Tensor):
+        return torch.addcmul(out, x, c)
+    return torch.add(out, x, alpha=c)
+
+
 def _positional_arity(fn) -> int | None:
     """Number of positional parameters of ``fn`` (None when it takes ``*args``)."""
     target = fn.forward if isinstance(fn, torch.nn.Module) else fn
@@ -133,9 +140,7 @@ class ODETerm(AbstractTerm):
     def _prod_add(self, out, vf, control):
         if type(self).prod is not ODETerm.prod or not isinstance(vf, torch.Tensor):
             return out + self.prod(vf, control)
-        if isinstance(control, torch.Tensor):
-            return torch.addcmul(out, vf, control)
-        return torch.add(out, vf, alpha=control)
+        return add_product(out, vf, control)
 
     def __repr__(self):
         return f"ODETerm({self.vector_field!r})"
@@ -208,7 +213,7 @@ class ControlTerm(AbstractTerm):
 
     def _prod_add(self, out, vf, control):
         if self.noise == "diagonal" and self._prod_checked and type(self).prod is ControlTerm.prod:
-            return torch.addcmul(out, vf, control)
+            return add_product(out, vf, control)
         return out + self.prod(vf, control)
 
     def vf_prod(self, t, y, args, control):
