@@ -247,13 +247,26 @@ class PIDController(AbstractController):
         scale = torch.maximum(y0.abs(), y1.abs()).mul_(self.rtol).add_(atol)
         return y_err / scale
 
-    def _error_norm(self, y0, y1, y_err):
-        """The scaled error norm of one joint step, as a Python float (the one host sync of a step)."""
-        scaled = self._scaled(y0, y1, y_err)
-        if self.norm is not None:
-            return float(self.norm(scaled))
-        # the RMS norm, its division by sqrt(n) done on the host
-        return float(torch.linalg.vector_norm(scaled)) / math.sqrt(max(scaled.numel(), 1))
+    def _plain(self):
+        """Scalar tolerances with rtol > 0 and the RMS norm: the joint fast paths apply."""
+        return self.norm is None and isinstance(self.rtol, float) and self.rtol > 0 and not isinstance(
+            self.atol, torch.Tensor)
+
+    def _error_norm(self, y0, y1, y_err, abs_y0=None):
+        """The scaled error norm of one joint step, as a Python float (the one host sync of a step),
+        and ``|y1|`` when it was computed (None otherwise); ``abs_y0`` is ``|y0|`` if already known."""
+        if not self._plain():
+            scaled = self._scaled(y0, y1, y_err)
+            if self.norm is not None:
+                return float(self.norm(scaled)), None
+            return float(torch.linalg.vector_norm(scaled)) / math.sqrt(max(scaled.numel(), 1)), None
+        # err / (atol + rtol m) = (err / (m + atol / rtol)) / rtol, with m = max(|y0|, |y1|): one pass
+        # fewer, and |y1| is the next step's |y0|
+        abs_y1 = y1.abs()
+        m = torch.maximum(y0.abs() if abs_y0 is None else abs_y0, abs_y1).add_(self.atol / self.rtol)
+        m = torch.div(y_err, m, out=m)
+        n = math.sqrt(max(m.numel(), 1))
+        return float(torch.linalg.vector_norm(m)) / (n * self.rtol), abs_y1
 
     def _betas(self, q):
         return ((self.pcoeff + self.icoeff + self.dcoeff) / q, -(self.pcoeff + 2 * self.dcoeff) / q, self.dcoeff / q)
@@ -286,6 +299,32 @@ class PIDController(AbstractController):
             dt = torch.minimum(100 * h0, h1)
         return dt, nfe
 
+    def _initial_dt_joint(self, terms, t0, y0, args, q, f0=None):
+        """:meth:`_initial_dt` for one joint solve with scalar tolerances and the RMS norm: the three
+        norms are synced to the host once each and the rest is arithmetic on Python floats."""
+        f = terms.ode
+        nfe = 0
+        n = math.sqrt(max(y0.numel(), 1))
+
+        def rms(x):
+            return float(torch.linalg.vector_norm(x)) / n
+
+        with torch.no_grad():
+            if f0 is None:
+                f0 = f(torch.tensor(t0, dtype=y0.dtype, device=y0.device), y0, args)
+                nfe += 1
+            else:
+                f0 = f0.detach()
+            scale = y0.abs().mul_(self.rtol).add_(self.atol)
+            d0, d1 = rms(y0 / scale), rms(f0 / scale)
+            h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
+            f1 = f(torch.tensor(t0 + h0, dtype=y0.dtype, device=y0.device), torch.add(y0, f0, alpha=h0), args)
+            nfe += 1
+            d2 = rms((f1 - f0).div_(scale)) / h0
+        dmax = max(d1, d2)
+        h1 = max(h0 * 1e-3, 1e-6) if dmax <= 1e-15 else (0.01 / dmax) ** (1.0 / q)
+        return min(100 * h0, h1), nfe
+
     # ---- joint mode (Python floats) ------------------------------------------------------
     def init_joint(self, terms, t0, t1, y0, dt0, args, solver, error_order=None, f0=None):
         """First step; ``f0``, when given, is ``f(t0, y0)`` already evaluated by the solver."""
@@ -298,9 +337,11 @@ class PIDController(AbstractController):
         self._q = q
         nfe = 0
         if dt0 is None:
-            norm = self.norm or rms_norm
-            dt, nfe = self._initial_dt(terms, t0, t1, y0, args, q, norm, f0)
-            dt = float(dt)
+            if self._plain() and terms.is_ode:
+                dt, nfe = self._initial_dt_joint(terms, t0, y0, args, q, f0)
+            else:
+                dt, nfe = self._initial_dt(terms, t0, t1, y0, args, q, self.norm or rms_norm, f0)
+                dt = float(dt)
         else:
             dt = _check_dt0(dt0, t0, t1)
         dt = self._clip_dt(dt)
@@ -324,12 +365,14 @@ class PIDController(AbstractController):
 
     def adapt_joint(self, t0, t1, y0, y1, y_err, state):
         """Returns ``(accept, next_t0, next_t1, made_jump, state, error_norm)``."""
-        prev1, prev2, q = state
+        prev1, prev2, q = state[:3]
+        # |y| of the state the last call ended on, which is this step's y0 when it is the same tensor
+        abs_y0 = state[3][1] if len(state) > 3 and state[3] is not None and state[3][0] is y0 else None
         if torch.is_grad_enabled():
             with torch.no_grad():
-                err = self._error_norm(y0, y1, y_err)
+                err, abs_y1 = self._error_norm(y0, y1, y_err, abs_y0)
         else:
-            err = self._error_norm(y0, y1, y_err)
+            err, abs_y1 = self._error_norm(y0, y1, y_err, abs_y0)
         dt = t1 - t0
         if not math.isfinite(err):
             accept = False
@@ -351,10 +394,10 @@ class PIDController(AbstractController):
         new_dt = self._clip_dt(dt * factor)
         if accept:
             made_jump = bool(self.jump_ts) and _hits(self.jump_ts, t1)
-            state = (max(err, 1e-10), prev1, q)
+            state = (max(err, 1e-10), prev1, q, None if abs_y1 is None else (y1, abs_y1))
             return True, t1, t1 + new_dt, made_jump, state, err
-        if self.dtmin is not None and new_dt < self.dtmin and not self.force_dtmin:
-            return False, t0, t0 + new_dt, False, state, err
+        if abs_y0 is None and len(state) > 3:
+            state = state[:3] + (None,)
         return False, t0, t0 + new_dt, False, state, err
 
     # ---- independent mode (tensors, one entry a sample) ----------------------------------

@@ -262,7 +262,7 @@ class DropinPID(_Hooks, PIDController):
         if not out[0] and self.dtmin is not None and self.force_dtmin and t1 - t0 <= self.dtmin * (1 + 1e-9):
             # at the smallest step allowed: take it, even with a non-finite error
             err = out[5]
-            prev1, _, q = state
+            prev1, _, q = state[:3]
             jump = bool(self.jump_ts) and t1 in self.jump_ts
             first = max(err, 1e-10) if math.isfinite(err) else 1.0
             out = True, t1, t1 + self._clip_dt(t1 - t0), jump, (first, prev1, q), err
