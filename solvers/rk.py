@@ -55,26 +55,18 @@ class ButcherTableau:
         key = (dtype, device)
         out = self._cache.get(key)
         if out is None:
-            def t(vals):
-                return torch.tensor(vals, dtype=dtype, device=device).reshape(1, -1)
-
             out = {
-                "rows": [t(v) for _, v in self._rows],
-                "sol": t(self._sol[1]),
-                "err": None if self._err is None else t(self._err[1]),
                 "dense": None if self.dense is None else torch.tensor(self.dense, dtype=dtype, device=device),
                 "denseT": None if self.dense is None else torch.tensor(self.dense.T.copy(), dtype=dtype, device=device),
                 "exps": None if self.dense is None else torch.arange(self.dense.shape[1], dtype=dtype, device=device),
                 "c": torch.tensor(self.c, dtype=torch.float64, device=device),
-                "at0": torch.tensor([ci == 0.0 for ci in self.c], device=device),
-                "at1": torch.tensor([ci == 1.0 for ci in self.c], device=device),
             }
             self._cache[key] = out
         return out
 
 
-def _combine(y0, ks, nz, coef, dt):
-    """``y0 + dt * sum_j coef_j k_j`` over the nonzero coefficients; ``y0`` may be None.
+def _combine(y0, ks, nz, dt):
+    """``y0 + dt * sum_j v_j k_j`` over the nonzero coefficients ``nz = (indices, values)``; ``y0`` may be None.
 
     ``dt`` is a Python float (joint mode) or a tensor broadcastable against ``y0`` (independent).
     """
@@ -87,15 +79,11 @@ def _combine(y0, ks, nz, coef, dt):
         for j, v in zip(idx, vals):
             out = ks[j] * (v * dt) if out is None else torch.add(out, ks[j], alpha=v * dt)
         return out
-    if len(idx) == 1:
-        if y0 is None:
-            return ks[idx[0]] * (dt * vals[0])
-        return torch.addcmul(y0, dt, ks[idx[0]], value=vals[0])
-    K = torch.stack([ks[j] for j in idx]).reshape(len(idx), -1)
-    comb = torch.mm(coef, K).reshape(ks[0].shape)
-    if y0 is None:
-        return comb.mul_(dt) if not torch.is_grad_enabled() else comb * dt
-    return torch.addcmul(y0, dt, comb)
+    # per-sample dt: a chain of fused multiply-adds, one per stage
+    out = y0
+    for j, v in zip(idx, vals):
+        out = ks[j] * (dt * v) if out is None else torch.addcmul(out, dt, ks[j], value=v)
+    return out
 
 
 class ExplicitRK(AbstractSolver):
@@ -170,21 +158,21 @@ class ExplicitRK(AbstractSolver):
         last = tab.stages - 1
         for i in range(1, tab.stages):
             if tab.fsal and i == last:
-                y1 = _combine(y0, ks, tab._sol, co["sol"], dt)
+                y1 = _combine(y0, ks, tab._sol, dt)
                 yi = y1
             else:
-                yi = _combine(y0, ks, tab._rows[i - 1], co["rows"][i - 1], dt)
+                yi = _combine(y0, ks, tab._rows[i - 1], dt)
             ks.append(f(ts[i], yi, args))
             nfe += 1
         if y1 is None:
-            y1 = _combine(y0, ks, tab._sol, co["sol"], dt)
+            y1 = _combine(y0, ks, tab._sol, dt)
         if tab._err is None:
             y_err = None
         elif torch.is_grad_enabled():  # the error estimate is not differentiated
             with torch.no_grad():
-                y_err = _combine(None, ks, tab._err, co["err"], dt)
+                y_err = _combine(None, ks, tab._err, dt)
         else:
-            y_err = _combine(None, ks, tab._err, co["err"], dt)
+            y_err = _combine(None, ks, tab._err, dt)
         new_state = [ks[-1] if tab.fsal and ode_only else None]
         dense_info = {"y0": y0, "y1": y1, "k": ks, "state": new_state}
         return y1, y_err, dense_info, new_state, nfe
