@@ -252,6 +252,15 @@ class PIDController(AbstractController):
         return self.norm is None and isinstance(self.rtol, float) and self.rtol > 0 and not isinstance(
             self.atol, torch.Tensor)
 
+    def _ratio(self, y):
+        """``atol / rtol`` as a 0-d tensor of ``y``'s dtype and device (cheaper to add than a Python number)."""
+        key = (y.dtype, y.device, self.atol, self.rtol)
+        cache = self.__dict__.setdefault("_ratios", {})
+        r = cache.get(key)
+        if r is None:
+            r = cache[key] = torch.tensor(self.atol / self.rtol, dtype=y.dtype, device=y.device)
+        return r
+
     def _error_norm(self, y0, y1, y_err, abs_y0=None):
         """The scaled error norm of one joint step, as a Python float (the one host sync of a step),
         and ``|y1|`` when it was computed (None otherwise); ``abs_y0`` is ``|y0|`` if already known."""
@@ -263,7 +272,7 @@ class PIDController(AbstractController):
         # err / (atol + rtol m) = (err / (m + atol / rtol)) / rtol, with m = max(|y0|, |y1|): one pass
         # fewer, and |y1| is the next step's |y0|
         abs_y1 = y1.abs()
-        m = torch.maximum(y0.abs() if abs_y0 is None else abs_y0, abs_y1).add_(self.atol / self.rtol)
+        m = torch.maximum(y0.abs() if abs_y0 is None else abs_y0, abs_y1).add_(self._ratio(y1))
         m = torch.div(y_err, m, out=m)
         n = math.sqrt(max(m.numel(), 1))
         return float(torch.linalg.vector_norm(m)) / (n * self.rtol), abs_y1

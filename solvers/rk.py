@@ -60,29 +60,31 @@ class ButcherTableau:
                 "denseT": None if self.dense is None else torch.tensor(self.dense.T.copy(), dtype=dtype, device=device),
                 "exps": None if self.dense is None else torch.arange(self.dense.shape[1], dtype=dtype, device=device),
                 "c": torch.tensor(self.c, dtype=torch.float64, device=device),
+                "zero": torch.zeros((), dtype=dtype, device=device),
             }
             self._cache[key] = out
         return out
 
 
-def _combine(y0, ks, nz, dt):
-    """``y0 + dt * sum_j v_j k_j`` over the nonzero coefficients ``nz = (indices, values)``; ``y0`` may be None.
+def _combine(y0, ks, nz, dt, zero=None):
+    """``y0 + dt * sum_j v_j k_j`` over the nonzero coefficients ``nz = (indices, values)``.
 
-    ``dt`` is a Python float (joint mode) or a tensor broadcastable against ``y0`` (independent).
+    ``dt`` is a Python float (joint mode) or a tensor broadcastable against ``y0`` (independent);
+    ``y0`` may be None, and then ``zero``, a 0-d zero of the state's dtype, starts the sum (an
+    addition of a 0-d tensor costs less than a product with a Python number).
     """
     idx, vals = nz
+    out = y0 if y0 is not None else zero
     if isinstance(dt, float):
         # a chain of fused adds: fewer passes over memory than stacking the stages for one matrix
         # product, and, under autograd, a cheaper backward; the same operations with and without a
         # graph, so that recomputed steps reproduce the forward's bit for bit
-        out = y0
         for j, v in zip(idx, vals):
-            out = ks[j] * (v * dt) if out is None else torch.add(out, ks[j], alpha=v * dt)
+            out = torch.add(out, ks[j], alpha=v * dt)
         return out
     # per-sample dt: a chain of fused multiply-adds, one per stage
-    out = y0
     for j, v in zip(idx, vals):
-        out = ks[j] * (dt * v) if out is None else torch.addcmul(out, dt, ks[j], value=v)
+        out = torch.addcmul(out, dt, ks[j], value=v)
     return out
 
 
@@ -170,9 +172,9 @@ class ExplicitRK(AbstractSolver):
             y_err = None
         elif torch.is_grad_enabled():  # the error estimate is not differentiated
             with torch.no_grad():
-                y_err = _combine(None, ks, tab._err, dt)
+                y_err = _combine(None, ks, tab._err, dt, co["zero"])
         else:
-            y_err = _combine(None, ks, tab._err, dt)
+            y_err = _combine(None, ks, tab._err, dt, co["zero"])
         new_state = [ks[-1] if tab.fsal and ode_only else None]
         dense_info = {"y0": y0, "y1": y1, "k": ks, "state": new_state}
         return y1, y_err, dense_info, new_state, nfe
