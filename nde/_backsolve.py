@@ -181,6 +181,8 @@ def augmented_field(terms, params, args, shape, n, rescale=None):
     ``dz/ds = w dz/dt``; the parameter channel sums every sample's ``w a^T df/dtheta``.
     """
 
+    vjp = getattr(terms, "_ode_vjp", None)
+
     def f(t, z):
         if _transformed(z):
             # torch.autograd.grad inside a torch.func transform returns wrong values (the adjoint and
@@ -197,11 +199,16 @@ def augmented_field(terms, params, args, shape, n, rescale=None):
             a = a * w
         with torch.enable_grad():
             y_ = y if diff else y.detach().requires_grad_(True)
-            fy = terms.ode(t, y_, args)
-            if fy.requires_grad:
-                gr = torch.autograd.grad(fy, [y_] + params, -a, allow_unused=True, create_graph=diff)
+            # a term that knows its structure (g(t, y) dX/dt) computes the product and the VJP together
+            both = None if diff or vjp is None else vjp(t, y_, args, a, [y_] + params)
+            if both is not None:
+                fy, gr = both
             else:
-                gr = [None] * (1 + len(params))
+                fy = terms.ode(t, y_, args)
+                if fy.requires_grad:
+                    gr = torch.autograd.grad(fy, [y_] + params, -a, allow_unused=True, create_graph=diff)
+                else:
+                    gr = [None] * (1 + len(params))
         if not diff:
             fy = fy.detach()
         if rescale is not None:

@@ -31,7 +31,7 @@ from ._odeint import (
 from ._odeint_steps import with_interpolation
 from ._path import AbstractPath
 from ._saveat import SaveAt
-from ._terms import ControlTerm, ODEForm, ODETerm, control_derivative, matrix_vector
+from ._terms import ControlTerm, ODEForm, ODETerm, control_derivative, matrix_vector, matrix_vector_vjp
 
 _BACKENDS = ("torchdiffeq", "torchsde", "nde")
 
@@ -175,6 +175,11 @@ class _CDETerm(ControlTerm):
             _check_compatibility(dxdt, vf, y, False)
             self._checked = True
         return matrix_vector(vf, dxdt)
+
+    def _ode_vjp(self, t, y, args, a, inputs):
+        if self._has_prod or not self._checked:
+            return None
+        return matrix_vector_vjp(lambda: self.func(t, y), _derivative(self.control, t), a, inputs)
 
     def __call__(self, t, y):
         return self.ode(t, y, None)

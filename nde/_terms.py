@@ -295,6 +295,15 @@ class ControlTerm(AbstractTerm):
     def ode(self, t, y, args):
         return self.vf_prod(t, y, args, control_derivative(self.control, t))
 
+    def _ode_vjp(self, t, y, args, a, inputs):
+        """``ode(t, y, args)`` and the gradients of ``-a . ode(t, y, args)`` w.r.t. ``inputs``, for an
+        adjoint's augmented field; None when only the general route (``ode``, then autograd) applies."""
+        if (self.noise not in ("general", "additive") or self._vf_prod is not None or not self._prod_checked
+                or type(self).prod is not ControlTerm.prod or type(self).ode is not ControlTerm.ode
+                or type(self).vf_prod is not ControlTerm.vf_prod):
+            return None
+        return matrix_vector_vjp(lambda: self.vf(t, y, args), control_derivative(self.control, t), a, inputs)
+
     @property
     def jump_ts(self):
         return self.control.jump_ts
@@ -343,6 +352,31 @@ def matrix_vector(g, x):
     if torch.is_grad_enabled() and (g.requires_grad or x.requires_grad):
         return (g * x.unsqueeze(-2)).sum(-1)
     return torch.matmul(g, x.unsqueeze(-1)).squeeze(-1)
+
+
+def matrix_vector_vjp(matrix, x, a, inputs):
+    """``f = g @ x[..., None]`` with ``g = matrix()``, and the gradients of ``-a . f`` w.r.t. ``inputs``.
+
+    The cotangent is carried to ``g`` directly (``-a x^T``, one broadcast product) and the product
+    itself is formed without a graph: cheaper than recording the product and differentiating through
+    it. Returns None (before evaluating ``g``) when ``x`` itself needs gradients.
+    """
+    if not isinstance(x, torch.Tensor) or x.requires_grad:
+        return None
+    g = matrix()
+    if not isinstance(g, torch.Tensor):
+        return None
+    cot = a.unsqueeze(-1) * x.unsqueeze(-2)
+    if not g.requires_grad:
+        grads = [None] * len(inputs)
+    elif cot.shape == g.shape:
+        grads = torch.autograd.grad(g, inputs, cot.neg_(), allow_unused=True)
+    else:  # g broadcasts against the batch of x: through the product after all
+        f = matrix_vector(g, x)
+        return f.detach(), torch.autograd.grad(f, inputs, -a, allow_unused=True)
+    with torch.no_grad():
+        f = torch.matmul(g, x.unsqueeze(-1)).squeeze(-1)
+    return f, grads
 
 
 class MultiTerm(AbstractTerm):
