@@ -281,7 +281,11 @@ class PIDController(AbstractController):
         return ((self.pcoeff + self.icoeff + self.dcoeff) / q, -(self.pcoeff + 2 * self.dcoeff) / q, self.dcoeff / q)
 
     def _initial_dt(self, terms, t0, t1, y0, args, q, norm_per, f0=None):
-        """Hairer--Norsett--Wanner's starting step; returns (dt, f0 or None, nfe)."""
+        """Hairer--Norsett--Wanner's starting step; returns ``(dt, nfe)``.
+
+        Joint mode (``t0`` a Python float): every norm is synced to the host once and the rest is
+        arithmetic on Python floats, ``dt`` a float. Independent mode: one entry a sample, as tensors.
+        """
         if not terms.is_ode:
             raise ValueError("An adaptive solve of this equation needs a first step: pass dt0=... to nde.solve.")
         f = terms.ode
@@ -289,50 +293,35 @@ class PIDController(AbstractController):
         joint = isinstance(t0, float)
         if joint:
             tt0 = torch.tensor(t0, dtype=y0.dtype, device=y0.device)
+
+            def norm(x):
+                return float(norm_per(x))
         else:  # per-sample times, broadcastable against y0 as everywhere else in independent mode
             tt0 = t0.to(y0.dtype).reshape(t0.shape + (1,) * (y0.dim() - t0.dim()))
+            norm = norm_per
         nfe = 2 if f0 is None else 1
         with torch.no_grad():
             f0 = f(tt0, y0, args) if f0 is None else f0.detach()
             scale = y0.abs() * self.rtol + atol
-            d0 = norm_per(y0 / scale)
-            d1 = norm_per(f0 / scale)
-            h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
-            h0b = h0.to(y0.dtype) if joint else h0.to(y0.dtype).reshape(h0.shape + (1,) * (y0.dim() - h0.dim()))
-            y1 = y0 + h0b * f0
-            tt1 = tt0 + (h0.to(y0.dtype) if joint else h0b)
-            f1 = f(tt1, y1, args)
-            d2 = norm_per((f1 - f0) / scale) / h0
-            dmax = torch.maximum(d1, d2)
-            h1 = torch.where(dmax <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / dmax) ** (1.0 / q))
-            dt = torch.minimum(100 * h0, h1)
-        return dt, nfe
-
-    def _initial_dt_joint(self, terms, t0, y0, args, q, f0=None):
-        """:meth:`_initial_dt` for one joint solve with scalar tolerances and the RMS norm: the three
-        norms are synced to the host once each and the rest is arithmetic on Python floats."""
-        f = terms.ode
-        nfe = 0
-        n = math.sqrt(max(y0.numel(), 1))
-
-        def rms(x):
-            return float(torch.linalg.vector_norm(x)) / n
-
-        with torch.no_grad():
-            if f0 is None:
-                f0 = f(torch.tensor(t0, dtype=y0.dtype, device=y0.device), y0, args)
-                nfe += 1
+            d0 = norm(y0 / scale)
+            d1 = norm(f0 / scale)
+            if joint:
+                h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
+                y1 = torch.add(y0, f0, alpha=h0)
+                tt1 = torch.tensor(t0 + h0, dtype=y0.dtype, device=y0.device)
             else:
-                f0 = f0.detach()
-            scale = y0.abs().mul_(self.rtol).add_(self.atol)
-            d0, d1 = rms(y0 / scale), rms(f0 / scale)
-            h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
-            f1 = f(torch.tensor(t0 + h0, dtype=y0.dtype, device=y0.device), torch.add(y0, f0, alpha=h0), args)
-            nfe += 1
-            d2 = rms((f1 - f0).div_(scale)) / h0
-        dmax = max(d1, d2)
-        h1 = max(h0 * 1e-3, 1e-6) if dmax <= 1e-15 else (0.01 / dmax) ** (1.0 / q)
-        return min(100 * h0, h1), nfe
+                h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
+                h0b = h0.to(y0.dtype).reshape(h0.shape + (1,) * (y0.dim() - h0.dim()))
+                y1 = y0 + h0b * f0
+                tt1 = tt0 + h0b
+            f1 = f(tt1, y1, args)
+            d2 = norm((f1 - f0) / scale) / h0
+        if joint:
+            dmax = max(d1, d2)
+            return min(100 * h0, max(h0 * 1e-3, 1e-6) if dmax <= 1e-15 else (0.01 / dmax) ** (1.0 / q)), nfe
+        dmax = torch.maximum(d1, d2)
+        h1 = torch.where(dmax <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / dmax) ** (1.0 / q))
+        return torch.minimum(100 * h0, h1), nfe
 
     # ---- joint mode (Python floats) ------------------------------------------------------
     def init_joint(self, terms, t0, t1, y0, dt0, args, solver, error_order=None, f0=None):
@@ -346,11 +335,7 @@ class PIDController(AbstractController):
         self._q = q
         nfe = 0
         if dt0 is None:
-            if self._plain() and terms.is_ode:
-                dt, nfe = self._initial_dt_joint(terms, t0, y0, args, q, f0)
-            else:
-                dt, nfe = self._initial_dt(terms, t0, t1, y0, args, q, self.norm or rms_norm, f0)
-                dt = float(dt)
+            dt, nfe = self._initial_dt(terms, t0, t1, y0, args, q, self.norm or rms_norm, f0)
         else:
             dt = _check_dt0(dt0, t0, t1)
         dt = self._clip_dt(dt)

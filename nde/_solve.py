@@ -492,9 +492,9 @@ def _integrate_joint(p: Problem) -> Solution:
                 break
         if t >= tend:
             break
-        # the step's stages are not needed any more (the dense output keeps its own reference): freed
-        # before the next step allocates its own, the working set stays that of one step
-        info = y1 = y_err = new_state = None
+        # the step's stages and error are not needed any more (the dense output keeps its own
+        # reference): freed before the next step allocates its own, the working set stays one step's
+        info = y_err = None
         # the next step, landing exactly on t1 when it is within rounding of it
         if constant:
             t_next = nt1 if tend - nt1 > 1e-9 * (nt1 - t) else tend

@@ -366,14 +366,14 @@ def matrix_vector_vjp(matrix, x, a, inputs):
     g = matrix()
     if not isinstance(g, torch.Tensor):
         return None
-    cot = a.unsqueeze(-1) * x.unsqueeze(-2)
     if not g.requires_grad:
         grads = [None] * len(inputs)
-    elif cot.shape == g.shape:
+    else:
+        cot = a.unsqueeze(-1) * x.unsqueeze(-2)
+        if cot.shape != g.shape:  # g broadcasts against the batch of x: through the product after all
+            f = matrix_vector(g, x)
+            return f.detach(), torch.autograd.grad(f, inputs, -a, allow_unused=True)
         grads = torch.autograd.grad(g, inputs, cot.neg_(), allow_unused=True)
-    else:  # g broadcasts against the batch of x: through the product after all
-        f = matrix_vector(g, x)
-        return f.detach(), torch.autograd.grad(f, inputs, -a, allow_unused=True)
     with torch.no_grad():
         f = torch.matmul(g, x.unsqueeze(-1)).squeeze(-1)
     return f, grads
