@@ -75,6 +75,7 @@ class Field(nn.Module):
 
 model = NeuralODE(Field(), solver=nde.solvers.Tsit5(), rtol=1e-5, atol=1e-6)
 opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[800, 1000], gamma=0.3)
 
 # %% [markdown]
 # ## Training
@@ -82,6 +83,9 @@ opt = torch.optim.Adam(model.parameters(), lr=3e-3)
 # Each iteration integrates 16 windows of 10 observations from their first point (a batch solved
 # jointly) and takes an Adam step on the mean absolute error. After a warm-up on short windows the
 # windows grow to 20 and then 40 observations so that the model also learns longer-time behaviour.
+# The learning rate drops to 0.3x at iteration 800 and again at 1000, so the trained model is a
+# settled one rather than whatever the last full-size Adam step left (without the drops the final
+# loss varies by 2x with the random seed).
 
 # %%
 losses, nfes = [], []
@@ -96,6 +100,7 @@ for it in range(n_iter):
     opt.zero_grad()
     loss.backward()
     opt.step()
+    sched.step()
     losses.append(loss.item())
     nfes.append(model.stats["nfe"])
     if it % 100 == 0 or it == n_iter - 1:
@@ -111,7 +116,7 @@ with torch.no_grad():
 print(f"training time {train_time:.1f} s")
 print(f"final loss (mean absolute error over every 40-observation window): {final_loss:.4f}")
 print(f"mean absolute error of the whole trajectory predicted from y(0) alone: {(fit - ys).abs().mean():.4f}")
-assert final_loss < 0.05, "the neural ODE did not learn the spiral"  # from 0.6 before training
+assert final_loss < 0.03, "the neural ODE did not learn the spiral"  # from 0.6 before training
 
 # %% [markdown]
 # ## The fit
