@@ -348,7 +348,8 @@ def _time_inputs_independent(problem):
 def run_independent(problem, adjoint, kind):
     """Run ``problem`` in independent batch mode under the adjoint ``kind``."""
     t_in = _time_inputs_independent(problem)
-    params = [x for x in collect_params(problem, adjoint.params) if all(x is not t for t in t_in)]
+    found = adjoint._inputs(problem) if hasattr(adjoint, "_inputs") else collect_params(problem, adjoint.params)
+    params = [x for x in found if all(x is not t for t in t_in)]
     if kind == "backsolve":
         return _run_backsolve_independent(problem, adjoint, params, t_in)
     runner = _IndependentRunner(adjoint, problem, kind, params, t_in)

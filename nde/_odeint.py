@@ -685,8 +685,10 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
         ``func.callback_step_adjoint``, ``callback_accept_step_adjoint`` and
         ``callback_reject_step_adjoint`` are called during the backward solve with that tuple.
     adjoint_params:
-        The tensors to differentiate with respect to; default ``func.parameters()`` (``func`` must
-        then be an ``nn.Module``). Parameters that ``func`` does not use get a zero gradient.
+        The tensors to differentiate with respect to (besides ``y0`` and ``t``); default
+        ``func.parameters()`` (``func`` must then be an ``nn.Module``). As in torchdiffeq, tensors that
+        ``func`` uses but that are not listed receive no gradient (``adjoint_params=()`` differentiates
+        ``y0`` and ``t`` only); listed ones that ``func`` does not use get a zero gradient.
 
     Returns
     -------
@@ -769,11 +771,11 @@ class _Backward:
 
     # the augmented state as torchdiffeq's adjoint shows it: (t, y, adj_y, *adj_params)
     def _layout(self, problem):
-        from ._adjoint_common import collect_params, time_inputs
+        from ._adjoint_common import time_inputs
 
         # (the parameters of the augmented state, in the order of the backward pass)
         t_in = time_inputs(problem)
-        zp = [x for x in collect_params(problem, self.params) if all(x is not t for t in t_in)]
+        zp = [x for x in _listed_inputs(problem, self.params) if all(x is not t for t in t_in)]
         offs, o = {}, 0
         for x in zp:
             offs[id(x)] = (o, x.numel(), x.shape)
@@ -889,12 +891,26 @@ def _backward_plan(method, adjoint_options):
     return _Backward(method, ours, solver_kw, norm)
 
 
+def _listed_inputs(problem, params):
+    """The tensors the adjoint pass differentiates besides ``y0`` and ``t``: as torchdiffeq's, exactly
+    ``adjoint_params`` (each once); tensors that ``func`` uses but that are not listed get no gradient."""
+    out, seen = [], {id(problem.y0)}
+    for x in params:
+        if id(x) not in seen:
+            seen.add(id(x))
+            out.append(x)
+    return out
+
+
 class _DropinBacksolve(BacksolveAdjoint):
     """:class:`~nde.BacksolveAdjoint` stepping its backward pass as torchdiffeq's adjoint does."""
 
     def __init__(self, back, **kw):
         super().__init__(**kw)
         self._back = back
+
+    def _inputs(self, problem):
+        return _listed_inputs(problem, self.params)
 
     def backward_controller(self, problem, n_head, solver=None, **kwargs):
         return self._back.controller(problem)

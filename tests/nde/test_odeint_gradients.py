@@ -200,3 +200,29 @@ def test_tuple_state_gradients_adjoint_vs_direct():
         outs.append(torch.autograd.grad(a.sum() + b.pow(2).sum(), (y0[0], w)))
     for x, y in zip(*outs):
         assert torch.allclose(x, y, rtol=1e-6)
+
+
+def test_adjoint_params_are_exactly_the_tensors_differentiated():
+    # torchdiffeq's semantics: besides y0 and t only adjoint_params get gradients; a tensor func uses
+    # that is not listed gets none (adjoint_params=() skips the parameters' adjoint altogether)
+    for lib in (torchdiffeq, nde):
+        f = Field()
+        w = torch.tensor(0.7, dtype=F64, requires_grad=True)
+        y0 = torch.tensor([1.0, 0.5], dtype=F64, requires_grad=True)
+
+        def g(t, y):
+            return w * f(t, y)
+
+        lib.odeint_adjoint(g, y0, T, rtol=1e-10, atol=1e-10, adjoint_params=()).pow(2).sum().backward()
+        assert f.A.grad is None and w.grad is None, lib.__name__
+        gy_none = y0.grad.clone()
+        y0.grad = None
+        lib.odeint_adjoint(g, y0, T, rtol=1e-10, atol=1e-10, adjoint_params=(w,)).pow(2).sum().backward()
+        assert f.A.grad is None and w.grad is not None, lib.__name__
+        direct = torch.autograd.grad(nde.odeint(g, y0, T, rtol=1e-10, atol=1e-10).pow(2).sum(), (y0, w))
+        assert torch.allclose(y0.grad, direct[0], rtol=1e-7) and torch.allclose(gy_none, direct[0], rtol=1e-7)
+        assert torch.allclose(w.grad, direct[1], rtol=1e-7), lib.__name__
+    # a tensor listed twice is differentiated once (torchdiffeq would count its gradient twice)
+    w.grad = None
+    nde.odeint_adjoint(g, y0, T, rtol=1e-10, atol=1e-10, adjoint_params=(w, w)).pow(2).sum().backward()
+    assert torch.allclose(w.grad, direct[1], rtol=1e-7)
