@@ -88,6 +88,13 @@ def _combine(y0, ks, nz, dt, zero=None):
     return out
 
 
+def _solution(y0, ks, nz, dt, zero):
+    """``y0 + dt * sum_j b_j k_j`` with the increment summed first and added to ``y0`` once: one
+    rounding at the size of ``y`` a step instead of one a stage, which is what accumulates over the
+    steps of a low-precision (float32) solve."""
+    return y0 + _combine(None, ks, nz, dt, zero)
+
+
 class ExplicitRK(AbstractSolver):
     """Generic explicit Runge--Kutta stepper; subclasses set ``tableau``.
 
@@ -160,14 +167,14 @@ class ExplicitRK(AbstractSolver):
         last = tab.stages - 1
         for i in range(1, tab.stages):
             if tab.fsal and i == last:
-                y1 = _combine(y0, ks, tab._sol, dt)
+                y1 = _solution(y0, ks, tab._sol, dt, co["zero"])
                 yi = y1
             else:
                 yi = _combine(y0, ks, tab._rows[i - 1], dt)
             ks.append(f(ts[i], yi, args))
             nfe += 1
         if y1 is None:
-            y1 = _combine(y0, ks, tab._sol, dt)
+            y1 = _solution(y0, ks, tab._sol, dt, co["zero"])
         if tab._err is None:
             y_err = None
         elif torch.is_grad_enabled():  # the error estimate is not differentiated

@@ -427,3 +427,17 @@ def test_options_with_a_discontinuity_both_directions(reverse):
         theirs = torchdiffeq.odeint(f, y0, t, rtol=1e-8, atol=1e-8, options=opts)
         assert abs(float(ours[-1]) - exact) < 1e-5
         assert float((ours - theirs).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("method", ["rk4", "midpoint", "euler", "heun3"])
+def test_float32_fixed_steps_round_once_a_step(method):
+    # the step's increment is summed first and added to y once: over 700 float32 steps the rounding
+    # error stays at torchdiffeq's level (adding each stage to y separately made it 4.5x larger for rk4)
+    f = Constant(F32)
+    t = torch.linspace(1.0, 8.0, 3)
+    y0 = f.y0(1.0)
+    exact = f.exact(t)[-1]
+    with torch.no_grad():
+        ours = nde.odeint(f, y0, t, method=method, options=dict(step_size=0.01))[-1]
+        theirs = torchdiffeq.odeint(f, y0, t, method=method, options=dict(step_size=0.01))[-1]
+    assert float((ours - exact).abs().max()) <= 1.5 * float((theirs - exact).abs().max()) + 1e-6
