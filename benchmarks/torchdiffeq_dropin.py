@@ -13,7 +13,7 @@ A second table counts evaluations for the low-order adaptive methods on ``dy/dt 
 solution known): torchdiffeq's ``adaptive_heun`` and ``fehlberg2`` reuse their last stage as the next
 step's first, although for these tableaux it is not ``f(t1, y1)`` (it is ``f`` at the Euler predictor,
 resp. at the first-order solution), so they take one evaluation a step fewer than the methods they
-name; nde evaluates ``f(t1, y1)``. A third table gives the error of the Adams methods on a
+name; the drop-in runs the same variants. A third table gives the error of the Adams methods on a
 non-uniform grid: torchdiffeq's apply the uniform-step coefficients whatever the spacing, nde's are
 computed on the actual nodes.
 

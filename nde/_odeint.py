@@ -162,15 +162,25 @@ def _number(v, name):
     return float(v)
 
 
+# torchdiffeq's adaptive RK steps take their last stage as the next step's first; for these two
+# tableaux that stage is not f(t1, y1) (it is f at the Euler predictor, resp. at the first-order
+# solution), so torchdiffeq runs variants of the methods with one evaluation a step fewer: the drop-in
+# runs the same ones (nde.solve's Heun and Fehlberg2 evaluate f(t1, y1))
+_LAST_STAGE_REUSED = ("adaptive_heun", "fehlberg2")
+
+
 def _make_solver(method, solver_kw):
     cls = _solver_class(method)
     entry = _METHODS[method]
     defaults = entry[2] if len(entry) > 2 else {}
     if solver_kw:
-        return cls(**{**defaults, **solver_kw})
-    s = _SOLVER_CACHE.get(method)
-    if s is None or type(s) is not cls:
-        s = _SOLVER_CACHE[method] = cls(**defaults)
+        s = cls(**{**defaults, **solver_kw})
+    else:
+        s = _SOLVER_CACHE.get(method)
+        if s is None or type(s) is not cls:
+            s = _SOLVER_CACHE[method] = cls(**defaults)
+    if method in _LAST_STAGE_REUSED:
+        s.reuse_last_stage = True
     return s
 
 

@@ -103,6 +103,10 @@ class ExplicitRK(AbstractSolver):
     """
 
     tableau: ButcherTableau
+    #: carry the last stage over as the next step's first even when the tableau is not FSAL (then it
+    #: is not f(t1, y1)): torchdiffeq's convention for ``adaptive_heun`` and ``fehlberg2``, which the
+    #: drop-in reproduces; a different (still second-order) method with one evaluation a step fewer
+    reuse_last_stage = False
 
     @property
     def order(self):
@@ -114,7 +118,7 @@ class ExplicitRK(AbstractSolver):
         return None if t.b_err is None else t.embedded_order + 1
 
     def init(self, terms, t0, t1, y0, args):
-        if self.tableau.fsal and only_ode_terms(terms):
+        if (self.tableau.fsal or self.reuse_last_stage) and only_ode_terms(terms):
             # evaluate the first stage up front: the state then always holds a valid first stage for
             # every sample (the next step's, whether this one is accepted or not), and the automatic
             # first step size reuses it
@@ -182,7 +186,7 @@ class ExplicitRK(AbstractSolver):
                 y_err = _combine(None, ks, tab._err, dt, co["zero"])
         else:
             y_err = _combine(None, ks, tab._err, dt, co["zero"])
-        new_state = [ks[-1] if tab.fsal and ode_only else None]
+        new_state = [ks[-1] if (tab.fsal or self.reuse_last_stage) and ode_only else None]
         dense_info = {"y0": y0, "y1": y1, "k": ks, "state": new_state}
         return y1, y_err, dense_info, new_state, nfe
 

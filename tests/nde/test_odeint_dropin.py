@@ -194,7 +194,7 @@ def test_scipy_solver_matches_and_is_not_differentiable():
         nde.odeint_adjoint(f, y0, t, method="scipy_solver")
 
 
-@pytest.mark.parametrize("method", ["dopri5", "bosh3", "dopri8"])
+@pytest.mark.parametrize("method", ["dopri5", "bosh3", "dopri8", "adaptive_heun", "fehlberg2"])
 def test_same_steps_as_torchdiffeq(method):
     """Same controller and error estimates: as many evaluations (one more at the start), at least as accurate."""
     calls = {"nde": 0, "tdq": 0}
@@ -441,3 +441,29 @@ def test_float32_fixed_steps_round_once_a_step(method):
         ours = nde.odeint(f, y0, t, method=method, options=dict(step_size=0.01))[-1]
         theirs = torchdiffeq.odeint(f, y0, t, method=method, options=dict(step_size=0.01))[-1]
     assert float((ours - exact).abs().max()) <= 1.5 * float((theirs - exact).abs().max()) + 1e-6
+
+
+@pytest.mark.parametrize("method", ["adaptive_heun", "fehlberg2"])
+def test_last_stage_carried_over_as_torchdiffeq(method):
+    # torchdiffeq's adaptive_heun and fehlberg2 take the last stage (not f(t1, y1)) as the next step's
+    # first: the drop-in runs the same method, step for step; nde.solve's solvers evaluate f(t1, y1)
+    A = make("linear", F64).A.detach()
+    y0 = torch.tensor([1.0, 0.5, -1.0], dtype=F64)
+    steps = {}
+    for lib in (nde, torchdiffeq):
+        ts = []
+
+        def f(t, y):
+            ts.append(float(t))
+            return A @ y
+
+        with torch.no_grad():
+            y1 = lib.odeint(f, y0, torch.tensor([0.0, 5.0], dtype=F64), method=method, rtol=1e-6, atol=1e-6)[-1]
+        steps[lib.__name__] = (len(ts), y1)
+    (n_ours, ours), (n_theirs, theirs) = steps["nde"], steps["torchdiffeq"]
+    assert n_ours == n_theirs
+    # (the last step differs: nde's lands on t[-1], torchdiffeq's steps past it and interpolates back)
+    assert float((ours - theirs).abs().max()) < 1e-4
+    solver = {"adaptive_heun": nde.solvers.Heun, "fehlberg2": nde.solvers.Fehlberg2}[method]()
+    sol = nde.solve(lambda t, y, args: A @ y, solver, 0.0, 5.0, y0, controller=nde.PIDController(rtol=1e-6, atol=1e-6))
+    assert sol.stats["nfe"] > n_ours  # one evaluation more a step: f(t1, y1)
