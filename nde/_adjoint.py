@@ -14,6 +14,13 @@ class AbstractAdjoint(abc.ABC):
     def run(self, problem):
         """Solve a prepared problem (see ``nde._solve.Problem``) and return a Solution."""
 
+    def _inputs(self, problem, t_in):
+        """The tensors besides ``y0`` and the times ``t_in`` that receive gradients: those the problem
+        depends on, found by inspection, and the adjoint's ``params``."""
+        from ._adjoint_common import collect_params
+
+        return [x for x in collect_params(problem, getattr(self, "params", None)) if all(x is not t for t in t_in)]
+
 
 class DirectAdjoint(AbstractAdjoint):
     """Backpropagate through every operation of the solve (discretise-then-optimise).

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from ._adjoint_common import assemble_grads, collect_params, flatten_state, map_state, run_with_function
+from ._adjoint_common import assemble_grads, flatten_state, map_state, run_with_function
 
 
 def _where_state(mask, new, old, tb):
@@ -348,8 +348,7 @@ def _time_inputs_independent(problem):
 def run_independent(problem, adjoint, kind):
     """Run ``problem`` in independent batch mode under the adjoint ``kind``."""
     t_in = _time_inputs_independent(problem)
-    found = adjoint._inputs(problem) if hasattr(adjoint, "_inputs") else collect_params(problem, adjoint.params)
-    params = [x for x in found if all(x is not t for t in t_in)]
+    params = adjoint._inputs(problem, t_in)
     if kind == "backsolve":
         return _run_backsolve_independent(problem, adjoint, params, t_in)
     runner = _IndependentRunner(adjoint, problem, kind, params, t_in)

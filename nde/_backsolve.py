@@ -10,7 +10,7 @@ import torch
 
 from ._adjoint import AbstractAdjoint
 from ._adjoint_common import (
-    Recorder, assemble_grads, check_supported, collect_params, function_inputs, output_map, run_with_function,
+    Recorder, assemble_grads, check_supported, function_inputs, output_map, run_with_function,
     time_grads, time_inputs,
 )
 from ._controllers import ConstantStepSize, PIDController
@@ -115,18 +115,13 @@ class BacksolveAdjoint(AbstractAdjoint):
                 )
             sde = _sde_setup(problem, self.solver)
         t_in = time_inputs(problem)
-        params = [x for x in self._inputs(problem) if all(x is not t for t in t_in)]
+        params = self._inputs(problem, t_in)
         if problem.batch_mode == "independent":
             from ._adjoint_independent import run_independent
 
             return run_independent(problem, self, "backsolve")
         runner = _BacksolveRunner(self, problem, params, t_in, sde)
         return run_with_function(runner, problem, function_inputs(t_in, params))
-
-    def _inputs(self, problem):
-        """The tensors (besides ``y0`` and the times) that receive gradients: those the problem depends
-        on, found by inspection, and ``params``."""
-        return collect_params(problem, self.params)
 
     def backward_controller(self, problem, n_head, solver=None, longest=None, param_sizes=()):
         """The controller of the backward solve and, for fixed steps, its step size.

@@ -8,7 +8,7 @@ import torch
 
 from ._adjoint import AbstractAdjoint
 from ._adjoint_common import (
-    JointStepper, Recorder, assemble_grads, check_supported, collect_params, function_inputs, output_map,
+    JointStepper, Recorder, assemble_grads, check_supported, function_inputs, output_map,
     run_with_function, time_grads, time_inputs,
 )
 
@@ -91,7 +91,7 @@ class CheckpointAdjoint(AbstractAdjoint):
 
             return run_independent(problem, self, "checkpoint")
         t_in = time_inputs(problem)
-        params = [x for x in collect_params(problem, self.params) if all(x is not t for t in t_in)]
+        params = self._inputs(problem, t_in)
         runner = _CheckpointRunner(self, problem, params, t_in)
         return run_with_function(runner, problem, function_inputs(t_in, params))
 

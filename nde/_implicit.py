@@ -7,7 +7,7 @@ import warnings
 import torch
 
 from ._adjoint import AbstractAdjoint
-from ._adjoint_common import collect_params, function_inputs, run_with_function, time_inputs
+from ._adjoint_common import function_inputs, run_with_function, time_inputs
 from ._adjoint_independent import _time_inputs_independent
 from ._deq import implicit_backward
 from .solvers.fixed_point import (
@@ -113,7 +113,7 @@ class ImplicitAdjoint(AbstractAdjoint):
             raise ValueError("ImplicitAdjoint needs an ODE: the steady state solves f(t1, y*) = 0.")
         independent = problem.batch_mode == "independent"
         t_in = _time_inputs_independent(problem) if independent else time_inputs(problem)
-        params = [x for x in collect_params(problem, self.params) if all(x is not t for t in t_in)]
+        params = self._inputs(problem, t_in)
         runner = _ImplicitRunner(self, problem, params, t_in)
         return run_with_function(runner, problem, function_inputs(t_in, params))
 

@@ -173,14 +173,15 @@ def _make_solver(method, solver_kw):
     cls = _solver_class(method)
     entry = _METHODS[method]
     defaults = entry[2] if len(entry) > 2 else {}
-    if solver_kw:
-        s = cls(**{**defaults, **solver_kw})
-    else:
+    if not solver_kw:
         s = _SOLVER_CACHE.get(method)
-        if s is None or type(s) is not cls:
-            s = _SOLVER_CACHE[method] = cls(**defaults)
+        if s is not None and type(s) is cls:
+            return s
+    s = cls(**{**defaults, **solver_kw})
     if method in _LAST_STAGE_REUSED:
         s.reuse_last_stage = True
+    if not solver_kw:
+        _SOLVER_CACHE[method] = s
     return s
 
 
@@ -785,7 +786,7 @@ class _Backward:
 
         # (the parameters of the augmented state, in the order of the backward pass)
         t_in = time_inputs(problem)
-        zp = [x for x in _listed_inputs(problem, self.params) if all(x is not t for t in t_in)]
+        zp = _listed_inputs(problem, self.params, t_in)
         offs, o = {}, 0
         for x in zp:
             offs[id(x)] = (o, x.numel(), x.shape)
@@ -901,10 +902,11 @@ def _backward_plan(method, adjoint_options):
     return _Backward(method, ours, solver_kw, norm)
 
 
-def _listed_inputs(problem, params):
-    """The tensors the adjoint pass differentiates besides ``y0`` and ``t``: as torchdiffeq's, exactly
-    ``adjoint_params`` (each once); tensors that ``func`` uses but that are not listed get no gradient."""
-    out, seen = [], {id(problem.y0)}
+def _listed_inputs(problem, params, t_in):
+    """The tensors the adjoint pass differentiates besides ``y0`` and the times ``t_in``: as
+    torchdiffeq's, exactly ``adjoint_params`` (each once); tensors that ``func`` uses but that are not
+    listed get no gradient."""
+    out, seen = [], {id(problem.y0)} | {id(t) for t in t_in if t is not None}
     for x in params:
         if id(x) not in seen:
             seen.add(id(x))
@@ -919,8 +921,8 @@ class _DropinBacksolve(BacksolveAdjoint):
         super().__init__(**kw)
         self._back = back
 
-    def _inputs(self, problem):
-        return _listed_inputs(problem, self.params)
+    def _inputs(self, problem, t_in):
+        return _listed_inputs(problem, self.params, t_in)
 
     def backward_controller(self, problem, n_head, solver=None, **kwargs):
         return self._back.controller(problem)

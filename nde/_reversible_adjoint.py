@@ -9,7 +9,7 @@ import torch
 
 from ._adjoint import AbstractAdjoint
 from ._adjoint_common import (
-    JointStepper, Recorder, assemble_grads, check_supported, collect_params, function_inputs, output_map,
+    JointStepper, Recorder, assemble_grads, check_supported, function_inputs, output_map,
     run_with_function, time_grads, time_inputs,
 )
 from ._terms import add_product
@@ -77,7 +77,7 @@ class ReversibleAdjoint(AbstractAdjoint):
 
             return run_independent(problem, self, "reversible")
         t_in = time_inputs(problem)
-        params = [x for x in collect_params(problem, self.params) if all(x is not t for t in t_in)]
+        params = self._inputs(problem, t_in)
         runner = _ReversibleRunner(self, problem, params, t_in)
         return run_with_function(runner, problem, function_inputs(t_in, params))
 
