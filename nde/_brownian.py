@@ -12,14 +12,17 @@ interval's ``(W, I)`` with noise from a counter-based generator (SplitMix64) key
 that noise can be drawn alone, so samples with their own times (independent batch mode) descend
 their own bridge paths in one vectorised pass and still see the same path as a joint query.
 
-Below the finest dyadic level (the *leaves*, of width ``r = dt / 2**depth``), a time ``t`` inside a
-leaf ``[a, b]`` gets ``(W(t), J(t))`` from the exact conditional law of the path on ``[a, t]`` given the
-leaf's ``(W, I)``, with noise keyed by ``t`` itself. Since Brownian bridges on disjoint intervals are
-independent given their end points, every increment whose end points do not lie strictly inside one
-and the same leaf is sampled exactly, ``W(s, u) ~ N(0, u - s)``, for any real ``s < u``; an increment
-shorter than ``r`` with both ends inside one leaf is refused with an error that says how to refine
-(``dt_min``). Every value is a fixed function of the seed: the same whatever the order of the
-queries, after cache evictions and in the backward pass.
+Below the finest dyadic level (the *leaves*, of width ``r = dt / 2**depth``), the bridge goes on
+for ``_SUB_LEVELS`` more dyadic levels inside the leaf holding ``t`` (noise keyed the same way, by
+position, never by ``t``), and inside the last of those nodes ``(W, J)`` is the polynomial that
+matches the node's ``(W, I)``: ``W`` quadratic, ``J`` cubic. So the path is a continuous function of
+``t`` everywhere (two times an ulp apart, as a solve run backwards produces, see the same noise to
+rounding), and its law is exact down to nodes of width ``r / 2**_SUB_LEVELS``: an increment whose
+end points do not lie strictly inside one and the same leaf has ``Var W(s, u) = (u - s)`` up to a
+relative ``2**-_SUB_LEVELS r / (u - s)``. An increment shorter than ``r`` with both ends inside one
+leaf is refused with an error that says how to refine (``dt_min``). Every value is a fixed function
+of the seed: the same whatever the order of the queries, after cache evictions and in the backward
+pass.
 
 The space-time Lévy area over ``[s, u]`` (``h = u - s``) is
 ``H = (1/h) int_s^u (W(s, r) - (r - s)/h W(s, u)) dr``, ``H ~ N(0, h/12)`` independent of ``W(s, u)``.
@@ -123,36 +126,6 @@ def _float_bits(x):
     return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
-def _fraction_law(a, levy):
-    """Law of the path on the first fraction ``a`` of an interval given the interval's ``(W, I)``.
-
-    In units of the interval (``W`` in units of ``sqrt(width)``, ``I = int (W(r) - W(start)) dr`` in
-    units of ``width**1.5``): ``W1 = k11 W + k12 I + l11 z0`` and ``I1 = k21 W + k22 I + l21 z0 + l22 z1``
-    with ``z0, z1`` independent standard normals; returns ``(k11, k12, k21, k22, l11, l21, l22)``.
-    Without Lévy area only ``W`` is conditioned on: ``W1 = a W + sqrt(a (1 - a)) z0``.
-
-    ``a`` is a float in (0, 1) or a float64 tensor of them.
-    """
-    tensor = isinstance(a, torch.Tensor)
-    sqrt = (lambda x: torch.sqrt(torch.clamp(x, min=0.0))) if tensor else (lambda x: math.sqrt(max(x, 0.0)))
-    b = 1 - a
-    if not levy:
-        return a, 0.0, 0.0, 0.0, sqrt(a * b), 0.0, 0.0
-    # Y = (W1, I1) and the observed O = (W, I) = (W1 + W2, I1 + b W1 + I2) are jointly Gaussian;
-    # Var(O) = [[1, 1/2], [1/2, 1/3]] with inverse [[4, -6], [-6, 12]]
-    cyw, cyi = a, a - a * a / 2                        # Cov(W1, W), Cov(W1, I)
-    ciw, cii = a * a / 2, a**3 / 3 + b * a * a / 2     # Cov(I1, W), Cov(I1, I)
-    k11, k12 = 4 * cyw - 6 * cyi, -6 * cyw + 12 * cyi
-    k21, k22 = 4 * ciw - 6 * cii, -6 * ciw + 12 * cii
-    c11 = a - (k11 * cyw + k12 * cyi)
-    c12 = a * a / 2 - (k11 * ciw + k12 * cii)
-    c22 = a**3 / 3 - (k21 * ciw + k22 * cii)
-    l11 = sqrt(c11)
-    l21 = c12 / l11
-    l22 = sqrt(c22 - l21 * l21)
-    return k11, k12, k21, k22, l11, l21, l22
-
-
 def _bridge_matrices():
     """Conditional law of the two halves of an interval given its ``(W, I)``, in units of the parent.
 
@@ -199,6 +172,7 @@ class _LRU(OrderedDict):
 _LEVY_AREAS = ("none", "space-time", "davie", "foster")
 _SUPER = 32  # chunk starts kept for good at every _SUPER-th chunk
 _SNAP = 1e-9  # positions within this fraction of a leaf of its ends are taken on them
+_SUB_LEVELS = 4  # dyadic levels below a leaf before the polynomial interpolant
 
 
 class BrownianInterval(AbstractPath):
@@ -209,8 +183,10 @@ class BrownianInterval(AbstractPath):
     additive-noise solvers (SRA1, ShARK, SRID2) use, and the space-space Lévy area (Davie's or Foster's
     approximation) of log-ODE schemes for general noise. Values do not depend on the order of the
     queries: the path is a fixed function of ``seed`` (a canonical dyadic bridge below a grid of cells
-    of width ``dt``, and exact conditional samples below its finest level), so forward pass, backward
-    pass and rejected adaptive steps all see the same path.
+    of width ``dt``, continued a few levels below its finest one and closed by the polynomial that
+    matches the last node), so forward pass, backward pass and rejected adaptive steps all see the same
+    path, and it is continuous: times an ulp apart (as a solve run backwards meets) get values that
+    agree to rounding.
 
     Queries on the cell grid ``t0 + k dt`` cost one slice (fixed-step solves: pass the solver's step
     as ``dt``); other times descend ``depth`` cached bridge levels and draw one more sample. The finest
@@ -379,13 +355,21 @@ class BrownianInterval(AbstractPath):
     def __call__(self, ta, tb=None, use_levy=False, return_U=False, return_A=False):
         """:meth:`evaluate`, or torchsde's convention with ``return_U`` / ``return_A``: ``W``, ``(W, U)``,
         ``(W, A)`` or ``(W, U, A)`` over ``[ta, tb]`` (``[t0, ta]`` when ``tb`` is None) with
-        ``U = int (W(r) - W(ta)) dr`` and ``A`` the space-space Lévy area."""
+        ``U = int (W(r) - W(ta)) dr`` and ``A`` the space-space Lévy area. As in torchsde, a path of
+        shape ``(batch,)`` is a batch of one-dimensional Brownian motions here, so its ``A`` is zero of
+        shape ``(batch,)`` (:meth:`evaluate_area` treats it as one ``batch``-dimensional motion)."""
         if not (return_U or return_A):
             return self.evaluate(ta, tb, use_levy=use_levy)
         if tb is None:
             ta, tb = self._t0, ta
         if return_A:
-            W, A = self.evaluate_area(ta, tb)
+            if len(self.shape) == 1:
+                if not self._area:
+                    self.evaluate_area(ta, tb)  # the error that names the levy_area needed
+                W = self.evaluate(ta, tb)
+                A = torch.zeros_like(W)
+            else:
+                W, A = self.evaluate_area(ta, tb)
         if return_U:
             W, H = self.evaluate(ta, tb, use_levy=True)
             U = (_scalar(tb) - _scalar(ta)) * (H + 0.5 * W)
@@ -608,13 +592,6 @@ class BrownianInterval(AbstractPath):
             return torch.tensor(_s64(_mix(seed, 2, k, d, idx, bits=64)), dtype=torch.int64)
         return _tmix(seed, 2, k, d, idx)
 
-    def _leaf_int_key(self, k, j, th):
-        return _mix(self.seed & ((1 << 63) - 1), 3, k, j, _float_bits(th), bits=64)
-
-    def _leaf_key(self, k, j, th):
-        """Per-row keys (int64 tensors) of the noise below the leaves."""
-        return _tmix(self.seed & ((1 << 63) - 1), 3, k, j, _float_bits(th))
-
     def _split(self, W, I, z, width):
         """The two halves ``((W, I), (W, I))`` of an interval of ``width`` given its ``(W, I)`` and noise ``z``.
 
@@ -640,17 +617,61 @@ class BrownianInterval(AbstractPath):
         noise = z[0] * (0.5 * width**0.5)
         return (half + noise, None), (half - noise, None)
 
-    def _sub_leaf(self, W, I, z, th, width):
-        """``(W, I)`` over the first fraction ``th`` of a leaf of ``width`` given the leaf's ``(W, I)``."""
-        k11, k12, k21, k22, l11, l21, l22 = _fraction_law(th, self._levy)
-        sw = width**0.5
-        if not self._levy:
-            return k11 * W + (l11 * sw) * z[0], None
-        si = width**1.5
-        Wn, In = W / sw, I / si
-        W1 = sw * (k11 * Wn + k12 * In + l11 * z[0])
-        I1 = si * (k21 * Wn + k22 * In + l21 * z[0] + l22 * z[1])
-        return W1, I1
+    def _below_leaf(self, th, r):
+        """The path on ``[a, a + th r]`` inside a leaf ``[a, a + r]``, as coefficients on the basis
+        ``(W_leaf, I_leaf, z_0, ..., z_{E-1})`` (``I_leaf`` and the second component of every level's
+        noise ``z_e`` only with a Lévy area): ``(cW, cI, idx)``.
+
+        ``th`` and ``r`` are floats or arrays (one entry a row); ``cW``, ``cI`` have a last axis of the
+        basis's length; ``idx[e]`` is the index, among the ``2**e`` nodes of level ``e`` below the leaf,
+        of the node holding ``th`` (its noise key). The same linear bridge as above the leaf (``_split``
+        applied to coefficient vectors), then the polynomial through the last node's ``(W, I)``.
+        """
+        levy = self._levy
+        E = _SUB_LEVELS
+        ncomp = 2 if levy else 1
+        off = 2 if levy else 1
+        th = np.asarray(th, dtype=np.float64)
+        r = np.asarray(r, dtype=np.float64)[..., None]
+        nb = off + E * ncomp
+        eye = np.eye(nb)
+
+        def unit(i):
+            return np.broadcast_to(eye[i], th.shape + (nb,))
+
+        nodeW, nodeI = unit(0), (unit(1) if levy else None)
+        accW = np.zeros(th.shape + (nb,))
+        accI = np.zeros(th.shape + (nb,)) if levy else None
+        pos = th.copy()
+        idx = np.zeros(th.shape, dtype=np.int64)
+        idxs = []
+        for e in range(E):
+            idxs.append(idx.copy())
+            w = r / (1 << e)
+            z = (unit(off + e * ncomp), unit(off + e * ncomp + 1) if levy else None)
+            (lW, lI), (rW, rI) = self._split(nodeW, nodeI, z, w)
+            bit = pos >= 0.5
+            m = bit[..., None]
+            if levy:
+                accI = np.where(m, accI + (w / 2) * accW + lI, accI)
+                nodeI = np.where(m, rI, lI)
+            accW = np.where(m, accW + lW, accW)
+            nodeW = np.where(m, rW, lW)
+            pos = np.where(bit, 2 * pos - 1, 2 * pos)  # exact in binary floating point
+            idx = 2 * idx + bit
+        rf = r / (1 << E)
+        phi = pos[..., None]
+        if levy:
+            # W(phi) = p phi + q phi^2 with W(1) = W_node and rf int_0^1 W = I_node
+            p_ = 6 * nodeI / rf - 2 * nodeW
+            q_ = 3 * nodeW - 6 * nodeI / rf
+            subW = p_ * phi + q_ * phi**2
+            subI = rf * (p_ * phi**2 / 2 + q_ * phi**3 / 3)
+            accI = accI + (phi * rf) * accW + subI
+        else:
+            subW = phi * nodeW
+        accW = accW + subW
+        return accW, accI, idxs
 
     def _children(self, k, d, idx, parent, width, z=None):
         key = (k, d + 1, 2 * idx)
@@ -676,10 +697,11 @@ class BrownianInterval(AbstractPath):
         kt = torch.tensor(keys, dtype=torch.int64, device=self.device)
         return _hash_normal_range(kt, n, self.device).reshape((len(keys), ncomp) + self.shape)
 
-    def _inside(self, k, j, leaf=False, extra_key=None):
+    def _inside(self, k, j, leaf=False, extra_keys=()):
         """``(W(a, s), I(a, s))`` from the start ``a`` of cell ``k`` to the start ``s`` of leaf ``j``
         (None when ``s == a``), the leaf's own ``(W, I)`` (with ``leaf``; otherwise the node where the
-        descent stopped) and, for ``extra_key``, that key's noise drawn with the missing bridge levels."""
+        descent stopped) and the noise of ``extra_keys`` (None if there are none), drawn with the
+        missing bridge levels."""
         D = self.depth
         width = self._cell_width(k)
         # the levels to descend: all of them to reach the leaf, else until s is a node's left edge
@@ -697,8 +719,7 @@ class BrownianInterval(AbstractPath):
                 first = d
                 break
         keys = [_s64(self._node_int_key(k, d, idxs[d])) for d in range(first, stop)]
-        if extra_key is not None:
-            keys.append(extra_key)
+        keys.extend(extra_keys)
         z = self._noise(keys) if keys else None
         node = self._cell(k)
         accW = accI = None
@@ -716,7 +737,7 @@ class BrownianInterval(AbstractPath):
                 node = right
             else:
                 node = left
-        return accW, accI, node, (None if extra_key is None else z[-1])
+        return accW, accI, node, (z[len(z) - len(extra_keys):] if extra_keys else None)
 
     def _point(self, k, j, th, t):
         """``(W(t), J(t))`` at the located time (float64, cached); ``J(t) = int_{t0}^t W``."""
@@ -726,12 +747,17 @@ class BrownianInterval(AbstractPath):
             return v
         W, J = self._grid_value(k)
         if j or th:
-            extra = _s64(self._leaf_int_key(k, j, th)) if th > 0 else None
-            aw, ai, (lw, li), z = self._inside(k, j, leaf=th > 0, extra_key=extra)
             a = self._t0 + k * self.dt
             if th > 0:
                 r = self._cell_width(k) / (1 << self.depth)
-                sw, si = self._sub_leaf(lw, li, z, th, r)
+                cW, cI, idxs = self._below_leaf(th, r)
+                D = self.depth
+                extra = [_s64(self._node_int_key(k, D + e, (j << e) + int(i))) for e, i in enumerate(idxs)]
+                aw, ai, (lw, li), z = self._inside(k, j, leaf=True, extra_keys=extra)
+                basis = torch.cat([lw.unsqueeze(0)] + ([li.unsqueeze(0)] if self._levy else [])
+                                  + [z.reshape((-1,) + lw.shape)])
+                sw = torch.tensordot(torch.from_numpy(cW), basis, 1)
+                si = torch.tensordot(torch.from_numpy(cI), basis, 1) if self._levy else None
                 s_leaf = a + self._cell_width(k) * j / (1 << self.depth)
                 if aw is None:
                     aw, ai = sw, si
@@ -739,6 +765,8 @@ class BrownianInterval(AbstractPath):
                     if self._levy:
                         ai = ai + (t - s_leaf) * aw + si
                     aw = aw + sw
+            else:
+                aw, ai, _, _ = self._inside(k, j)
             if aw is not None:
                 if self._levy:
                     J = J + (t - a) * W + ai
@@ -905,17 +933,23 @@ class BrownianInterval(AbstractPath):
             nodeW = torch.where(m, rW, lW)
             idx = torch.where(active, 2 * idx + bit.long(), idx)
         if bool(leaf.any()):
-            # below the finest level: the exact conditional law on [leaf start, t] given the leaf's (W, I)
-            key = self._leaf_key(k, j, th)
-            z = _hash_normal(key.reshape(R, 1, 1), counters).transpose(0, 1)
-            rw = widths / (1 << D)
-            thc = torch.where(leaf, th, torch.full_like(th, 0.5)).unsqueeze(-1)
-            sW, sI = self._sub_leaf(nodeW, nodeI, z, thc, rw)
-            lm = leaf.unsqueeze(-1)
-            s_leaf = starts + widths * j.to(torch.float64).unsqueeze(-1) / (1 << D)
+            # below the finest level: the bridge's further levels and the polynomial (see _below_leaf),
+            # for the rows inside a leaf
+            sel = leaf.nonzero().flatten()
+            rw = widths[sel, 0] / (1 << D)
+            cW, cI, idxs = self._below_leaf(th[sel].cpu().numpy(), rw.cpu().numpy())
+            ks, js, cs = k[sel], j[sel], counters[sel]
+            parts = [nodeW[sel].unsqueeze(1)] + ([nodeI[sel].unsqueeze(1)] if self._levy else [])
+            for e, i in enumerate(idxs):
+                key = self._node_key(ks, D + e, (js << e) + torch.from_numpy(i).to(dev))
+                parts.append(_hash_normal(key.reshape(-1, 1, 1), cs))
+            basis = torch.cat(parts, 1)  # (rows, basis, rest)
+            sW = torch.einsum("rn,rnx->rx", torch.from_numpy(cW).to(dev), basis)
+            s_leaf = (starts + widths * j.to(torch.float64).unsqueeze(-1) / (1 << D))[sel]
             if self._levy:
-                accI = torch.where(lm, accI + (t - s_leaf) * accW + sI, accI)
-            accW = torch.where(lm, accW + sW, accW)
+                sI = torch.einsum("rn,rnx->rx", torch.from_numpy(cI).to(dev), basis)
+                accI = accI.index_put((sel,), accI[sel] + (t[sel] - s_leaf) * accW[sel] + sI)
+            accW = accW.index_put((sel,), accW[sel] + sW)
         outW[r] = base_W + accW
         if self._levy:
             outJ[r] = base_J + (t - starts) * base_W + accI

@@ -178,30 +178,53 @@ def test_fixed_grid_queries_are_cheap():
     assert per_query < 5e-4  # typically ~1e-5 s: a slice of pre-drawn cells
 
 
-def test_fraction_law_matches_gaussian_conditioning():
-    # (W1, I1) on the first fraction a of a unit interval given (W, I) of the whole: generic conditioning
-    from nde._brownian import _fraction_law
+@pytest.mark.parametrize("levy_area", ["none", "space-time"])
+def test_path_is_continuous_below_the_leaves(levy_area):
+    # a solve run backwards meets 1.7999999999999998 where the forward one met 1.8: the same noise
+    from nde._brownian import _SUB_LEVELS
 
-    for a in (1e-3, 0.1, 0.37, 0.5, 0.93):
-        b = 1 - a
-        # X = (W1, I1, W2, I2), O = (W, I) = (W1 + W2, I1 + b W1 + I2)
-        sxx = np.zeros((4, 4))
-        sxx[:2, :2] = [[a, a * a / 2], [a * a / 2, a**3 / 3]]
-        sxx[2:, 2:] = [[b, b * b / 2], [b * b / 2, b**3 / 3]]
-        obs = np.array([[1.0, 0.0, 1.0, 0.0], [b, 1.0, 0.0, 1.0]])
-        cyo = sxx[:2] @ obs.T
-        soo = obs @ sxx @ obs.T
-        k = cyo @ np.linalg.inv(soo)
-        cov = sxx[:2, :2] - k @ cyo.T
-        k11, k12, k21, k22, l11, l21, l22 = _fraction_law(a, True)
-        np.testing.assert_allclose([[k11, k12], [k21, k22]], k, rtol=1e-9, atol=1e-12)
-        lo = np.array([[l11, 0.0], [l21, l22]])
-        np.testing.assert_allclose(lo @ lo.T, cov, rtol=1e-6, atol=1e-15)
-        assert _fraction_law(a, False)[4] == pytest.approx(math.sqrt(a * b))
-    # tiny fractions: nearly the unconditional law (Var W1 = a, Var(I1 - a W1 / 2) = a^3 / 12)
-    a = 1e-7
-    law = _fraction_law(a, True)
-    assert law[4] ** 2 == pytest.approx(a, rel=1e-5) and law[6] ** 2 == pytest.approx(a**3 / 12, rel=1e-4)
+    bm = BrownianInterval(0.0, 2.0, (2000, 3), seed=5, dtype=torch.float64, levy_area=levy_area)
+    finest = bm.resolution / 2**_SUB_LEVELS  # the path is a polynomial on nodes of this width
+    t = 1.8
+    assert bm._locate(t)[2] > 0  # strictly inside a leaf
+    for near in (math.nextafter(t, 0.0), math.nextafter(t, 3.0), t - 1e-13):
+        for a in (0.3, 1.1):
+            gap = (bm.evaluate(a, near) - bm.evaluate(a, t)).abs().max().item()
+            # Lipschitz on the finest nodes: |dW| <~ a few sqrt(finest) per node width (it used to jump by
+            # sqrt(resolution), 1e-3 here)
+            assert gap < 10 * abs(t - near) / math.sqrt(finest)
+            if levy_area != "none":
+                h1, h2 = bm.evaluate(a, near, use_levy=True)[1], bm.evaluate(a, t, use_levy=True)[1]
+                assert (h1 - h2).abs().max().item() < 1e-6
+    # per-sample queries (independent batch mode) see the same continuous path
+    rows = torch.full((2000, 1), t, dtype=torch.float64)
+    rows[::2] = math.nextafter(t, 0.0)
+    w = bm.evaluate(torch.full((2000, 1), 0.3, dtype=torch.float64), rows)
+    torch.testing.assert_close(w, bm.evaluate(0.3, t), rtol=0, atol=1e-9)
+    # increments between sub-leaf points of consecutive leaves: additive, variance their length
+    r = bm.resolution
+    pts = [1.3 + (i + 0.37) * r for i in range(33)]
+    steps = [bm.evaluate(x, y) for x, y in zip(pts[:-1], pts[1:])]
+    torch.testing.assert_close(sum(steps), bm.evaluate(pts[0], pts[-1]), rtol=0, atol=1e-12)
+    assert abs(torch.stack(steps).var().item() / r - 1) < 0.05
+
+
+def test_below_leaf_coefficients_meet_the_leaf_at_its_ends():
+    # the sub-leaf interpolant starts at zero and ends on the leaf's own (W, I)
+    from nde._brownian import _SUB_LEVELS
+
+    for levy_area in ("none", "space-time"):
+        bm = _bm(levy_area=levy_area)
+        r = 0.01
+        cW, cI, idxs = bm._below_leaf(np.array([1e-15, 1 - 1e-15, 0.3]), np.array([r, r, r]))
+        nb = (2 if bm._levy else 1) + _SUB_LEVELS * (2 if bm._levy else 1)
+        assert cW.shape == (3, nb) and len(idxs) == _SUB_LEVELS
+        np.testing.assert_allclose(cW[0], 0.0, atol=1e-6)
+        np.testing.assert_allclose(cW[1], np.eye(nb)[0], atol=1e-6)
+        if bm._levy:
+            np.testing.assert_allclose(cI[0], 0.0, atol=1e-9)
+            np.testing.assert_allclose(cI[1], np.eye(nb)[1], atol=1e-9)
+        assert [int(i[2]) for i in idxs] == [int(0.3 * (1 << e)) for e in range(_SUB_LEVELS)]
 
 
 def test_increments_exact_below_the_bridge_grid():
@@ -249,3 +272,21 @@ def test_dt_min_sets_the_depth():
     assert BrownianInterval(0.0, 1.0, (2,), dt=0.1).depth == 12
     with pytest.raises(ValueError, match="dt_min"):
         BrownianInterval(0.0, 1.0, (2,), dt_min=-1.0)
+
+
+def test_torchsde_call_convention():
+    # bm(ta, tb, return_U=..., return_A=...) as torchsde's BrownianInterval; a (batch,) path is a batch
+    # of one-dimensional motions there, whose space-space area is zero
+    for shape, a_shape in (((16, 3), (16, 3, 3)), ((16,), (16,)), ((), ())):
+        bm = BrownianInterval(t0=0.0, t1=1.0, size=shape, levy_area_approximation="davie", entropy=3)
+        w, u, a = bm(0.2, 0.7, return_U=True, return_A=True)
+        assert w.shape == shape and u.shape == shape and a.shape == a_shape
+        torch.testing.assert_close(w, bm(0.2, 0.7))
+        h = bm.evaluate(0.2, 0.7, use_levy=True)[1]
+        torch.testing.assert_close(u, 0.5 * (h + 0.5 * w))
+        if len(shape) < 2:
+            assert (a == 0).all()
+        w0, a0 = bm(0.7, return_A=True)  # one time: the interval from t0
+        torch.testing.assert_close(w0, bm(0.0, 0.7))
+    with pytest.raises(ValueError, match="levy_area"):
+        BrownianInterval(0.0, 1.0, (16,))(0.2, 0.7, return_A=True)
