@@ -22,6 +22,9 @@ from ._interpolation import (
     rectilinear_interpolation_coeffs,
 )
 from ._brownian import BrownianInterval
+from ._sde_base import (BaseBrownian, BaseSDE, BrownianPath, BrownianTree, ReverseBrownian, SDEIto, SDEStratonovich,
+                        brownian_interval_like)
+from . import settings
 from ._odeint import odeint, odeint_adjoint, odeint_event
 from ._reversible_adjoint import ReversibleAdjoint
 from . import symbolic

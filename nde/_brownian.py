@@ -347,6 +347,10 @@ class BrownianInterval(AbstractPath):
         return (f"BrownianInterval(t0={self._t0}, t1={self._t1}, shape={self.shape}, levy_area={self.levy_area!r}, "
                 f"dt={self.dt}, depth={self.depth}, dtype={self.dtype})")
 
+    def size(self):
+        """The shape of ``W(t)`` (torchsde's name)."""
+        return self.shape
+
     @property
     def levy_area_approximation(self):
         """torchsde's name of :attr:`levy_area`."""

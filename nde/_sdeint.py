@@ -17,14 +17,14 @@ import torch
 from ._brownian import BrownianInterval
 from ._controllers import ConstantStepSize, PIDController
 from ._path import AbstractPath
+from . import settings as _settings
 from ._saveat import SaveAt
 from ._solve import solve
 from ._terms import ControlTerm, MultiTerm, ODETerm
 
-METHODS = ("euler", "milstein", "srk", "midpoint", "heun", "euler_heun", "reversible_heun",
-           "adjoint_reversible_heun", "log_ode")
-NOISE_TYPES = ("diagonal", "additive", "scalar", "general")
-SDE_TYPES = ("ito", "stratonovich")
+METHODS = tuple(_settings.METHODS.all())
+NOISE_TYPES = tuple(_settings.NOISE_TYPES.all())
+SDE_TYPES = tuple(_settings.SDE_TYPES.all())
 _ITO_METHODS = ("euler", "milstein", "srk")
 _STRAT_ONLY = ("midpoint", "heun", "euler_heun", "reversible_heun", "adjoint_reversible_heun", "log_ode")
 _NAME_KEYS = ("drift", "diffusion", "prior_drift", "drift_and_diffusion", "drift_and_diffusion_prod")
