@@ -155,7 +155,7 @@ def _prepare(terms, solver, t0, t1, y0, dt0, args, saveat, controller, max_steps
         # per-sample times live with the state; a scalar time may sit anywhere (it is read once)
         if isinstance(x, torch.Tensor) and x.numel() > 1 and x.device != y0.device and name != "SaveAt(ts=...)":
             raise ValueError(f"{name} is on device {x.device} but y0 is on {y0.device}: move {name} to {y0.device}.")
-    if not bool(torch.isfinite(y0).all()):
+    if not _all_finite(y0):
         raise ValueError("y0 contains NaN or inf.")
     if batch_mode not in _BATCH_MODES:
         raise ValueError(f"batch_mode must be one of {_BATCH_MODES}; got {batch_mode!r}.")
@@ -205,7 +205,14 @@ def _prepare(terms, solver, t0, t1, y0, dt0, args, saveat, controller, max_steps
         ts_eps = torch.finfo(tst.dtype).eps if tst.dtype.is_floating_point else 0.0
         if tst.dtype.is_complex or not (tst.dtype.is_floating_point or tst.dtype in (torch.int32, torch.int64)):
             raise TypeError(f"SaveAt(ts=...) must hold real times; got dtype {tst.dtype}.")
-        tst = tst.detach().to(torch.float64, copy=True).cpu()
+        if tst.dim() == 1 and 0 < tst.shape[0] <= _FEW_TIMES and not isinstance(t0f, torch.Tensor) and not isinstance(t1f, torch.Tensor):
+            # the common case, a few shared output times: checked as Python floats (one copy to the host
+            # instead of a dozen small tensor operations)
+            ts = _few_times(tst.detach().tolist(), it0, it1, sign, ts_eps)
+            tst = None
+        else:
+            tst = tst.detach().to(torch.float64, copy=True).cpu()
+    if ts_in is not None and tst is not None:
         if tst.dim() == 0:
             tst = tst.reshape(1)
         if tst.dim() != 1:
@@ -246,8 +253,6 @@ def _prepare(terms, solver, t0, t1, y0, dt0, args, saveat, controller, max_steps
         controller = _reverse_controller(controller)
     else:
         terms_int = terms
-    if dt0 is not None and not isinstance(controller, ConstantStepSize) and not isinstance(dt0, torch.Tensor):
-        pass
 
     p = Problem.__new__(Problem)
     p.terms, p.user_terms, p.solver = terms_int, terms, solver
@@ -256,6 +261,28 @@ def _prepare(terms, solver, t0, t1, y0, dt0, args, saveat, controller, max_steps
     p.throw, p.progress, p.sign, p.ts, p.ts_per_sample = throw, progress, sign, ts, per_sample
     p.t0_in, p.t1_in, p.ts_in, p.event = t0, t1, ts_in, event
     return p
+
+
+_FEW_TIMES = 4096
+
+
+def _few_times(vals, it0, it1, sign, eps):
+    """``SaveAt(ts=vals)`` checked and mapped to internal time (``sign * t``, clipped onto
+    ``[it0, it1]``) as a float64 tensor: the checks of the general path, on Python floats."""
+    if not all(math.isfinite(v) for v in vals):
+        raise ValueError("SaveAt(ts=...) contains NaN or inf.")
+    its = [v * sign for v in vals]
+    if any(b < a for a, b in zip(its, its[1:])):
+        raise ValueError(
+            "SaveAt(ts=...) must be monotone in the direction of integration "
+            f"({'increasing' if sign > 0 else 'decreasing'}, since t1 {'>' if sign > 0 else '<'} t0)."
+        )
+    # times given in float32 may sit a rounding error outside [t0, t1]
+    rel = max(1e-12, 4 * eps)
+    lo, hi = it0 - rel * (1 + abs(it0)), it1 + rel * (1 + abs(it1))
+    if its[0] < lo or its[-1] > hi:
+        raise ValueError(f"SaveAt(ts=...) must lie inside [t0, t1] = [{it0 * sign}, {it1 * sign}].")
+    return torch.tensor([min(max(v, it0), it1) for v in its], dtype=torch.float64)
 
 
 def _signed_dt0(dt0, sign):

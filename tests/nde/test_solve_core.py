@@ -469,3 +469,44 @@ def test_shared_ts_with_per_sample_intervals():
     with pytest.raises(ValueError, match="inside"):
         nde.solve(lambda t, y, a: -y, Tsit5(), 0.0, t1, y0, saveat=nde.SaveAt(ts=torch.tensor([0.5, 2.5])),
                   batch_mode="independent")
+
+
+def test_vector_field_arity_read_as_inspect_reads_it():
+    # the code-object fast path and inspect.signature agree on every kind of callable
+    import functools
+    import inspect
+
+    from nde._terms import _positional_arity
+
+    def by_inspect(fn):
+        target = fn.forward if isinstance(fn, torch.nn.Module) else fn
+        ps = inspect.signature(target).parameters.values()
+        if any(p.kind == p.VAR_POSITIONAL for p in ps):
+            return None
+        return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in ps)
+
+    class Two(torch.nn.Module):
+        def forward(self, t, y):
+            return y
+
+    class Star(torch.nn.Module):
+        def forward(self, *xs):
+            return xs[-1]
+
+    class Call:
+        def __call__(self, t, y, args):
+            return y
+
+    def three(t, y, args=None, *, scale=1.0):
+        return y
+
+    def pos_only(t, y, /):
+        return y
+
+    @functools.wraps(three)
+    def wrapped(*a, **k):
+        return three(*a, **k)
+
+    for fn in (Two(), Star(), Call(), Call().__call__, three, pos_only, wrapped, lambda t, y: y,
+               functools.partial(three, 0.0), Two().forward):
+        assert _positional_arity(fn) == by_inspect(fn), fn
