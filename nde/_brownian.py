@@ -225,6 +225,12 @@ class BrownianInterval(AbstractPath):
         Cells are drawn in chunks of about this many numbers; a few chunks are cached (more while one
         query spans more, as per-sample queries do), so the memory a solve holds for the path does not
         grow with its number of steps.
+    W, H:
+        Condition the motion on its increment ``W(t0, t1) = W`` and / or its space-time Lévy area
+        ``H(t0, t1) = H`` over the whole interval (tensors of ``shape``, which they give by default, as
+        do their dtype and device): a Brownian bridge, exactly (the free path plus its Gaussian
+        conditional correction, linear in ``W`` and ``H`` and differentiable with respect to them). ``H``
+        needs a Lévy area.
     size, entropy, levy_area_approximation:
         torchsde's names of ``shape``, ``seed`` and ``levy_area`` (so ``import nde as torchsde`` scripts
         construct it unchanged, and ``bm(ta, tb, return_U=..., return_A=...)`` works as in torchsde);
@@ -240,17 +246,26 @@ class BrownianInterval(AbstractPath):
             if shape is not None:
                 raise TypeError("Pass either shape or size (its torchsde name), not both.")
             shape = size
-        if shape is None:
-            raise TypeError("BrownianInterval needs the shape of W(t): shape=(batch, m) (or torchsde's size=).")
         if entropy is not None:
             if seed is not None:
                 raise TypeError("Pass either seed or entropy (its torchsde name), not both.")
             seed = entropy
         if levy_area_approximation is not None:
             levy_area = levy_area_approximation
-        if W is not None or H is not None:
-            raise ValueError("Conditioning the Brownian motion on its final value (torchsde's W=/H=) is not "
-                             "supported by nde.BrownianInterval; use torchsde.BrownianInterval for that.")
+        given = {}
+        for name, v in (("W", W), ("H", H)):
+            if v is None:
+                continue
+            if not isinstance(v, torch.Tensor) or not v.dtype.is_floating_point:
+                raise TypeError(f"{name} (the value to condition on) must be a floating-point tensor; got "
+                                f"{type(v).__name__ if not isinstance(v, torch.Tensor) else v.dtype}.")
+            given[name] = v
+        for v in given.values():  # shape, dtype and device default to those of W / H, as in torchsde
+            shape = tuple(v.shape) if shape is None else shape
+            dtype = v.dtype if dtype is None else dtype
+            device = v.device if device is None else device
+        if shape is None:
+            raise TypeError("BrownianInterval needs the shape of W(t): shape=(batch, m) (or torchsde's size=).")
         if dtype is None:
             dtype = torch.get_default_dtype()
         t0, t1 = float(t0), float(t1)
@@ -328,6 +343,16 @@ class BrownianInterval(AbstractPath):
         self._totals = _LRU(_SUPER)
         self._grid_tol = 1e-9 * dt
         self._bridge = np.concatenate([_M, _L], 1).tolist()
+        self._given = None
+        if given:
+            for name, v in given.items():
+                if tuple(v.shape) != shape:
+                    raise ValueError(f"{name} must have the shape of the Brownian motion, {shape}; got {tuple(v.shape)}.")
+            if "H" in given and not self._levy:
+                raise ValueError("Conditioning on H (the space-time Lévy area over [t0, t1]) needs a Lévy area: "
+                                 "create the BrownianInterval with levy_area='space-time' (or 'davie' / 'foster').")
+            self._given = given
+            self._resid = None
 
     # ---- AbstractPath ---------------------------------------------------------------------
     @property
@@ -396,11 +421,94 @@ class BrownianInterval(AbstractPath):
             if use_levy:
                 raise ValueError("A Lévy area needs an interval: pass both t0 and t1.")
             if isinstance(t0, torch.Tensor) and t0.numel() > 1:
-                return self._per_sample(t0, None, False)
-            return self._point(*self._locate(_scalar(t0)))[0].to(self.dtype)
+                out = self._per_sample(t0, None, False)
+                return out if self._given is None else self._condition(None, t0, out, None)
+            s = _scalar(t0)
+            W = self._point(*self._locate(s))[0]
+            return (W if self._given is None else self._condition(None, s, W, None)).to(self.dtype)
         if (isinstance(t0, torch.Tensor) and t0.numel() > 1) or (isinstance(t1, torch.Tensor) and t1.numel() > 1):
-            return self._per_sample(t0, t1, use_levy)
-        return self._increment(_scalar(t0), _scalar(t1), use_levy)
+            out = self._per_sample(t0, t1, use_levy)
+        else:
+            t0, t1 = _scalar(t0), _scalar(t1)
+            out = self._increment(t0, t1, use_levy)
+        if self._given is None:
+            return out
+        W, H = out if use_levy else (out, None)
+        W, H = self._condition(t0, t1, W, H)
+        return (W, H) if use_levy else W
+
+    # ---- conditioning on the increment (W=) and space-time Lévy area (H=) over [t0, t1] ---------
+    def _condition(self, s, u, W, H):
+        """``W`` (the increment from ``s`` to ``u``, or the point value at ``u`` when ``s`` is None) and
+        ``H`` (the space-time Lévy area over the interval between them, or None) of the path
+        conditioned on the given ``W`` / ``H`` over ``[t0, t1]``.
+
+        Matheron's rule: the conditioned Gaussian path is the free one plus ``Cov(X, O) Cov(O)^-1 (o - O)``
+        for the observed ``O`` (linear functionals of ``(W(t1), J(t1))``); ``X = (W(t), J(t))`` are linear
+        too, so the correction is exact, continuous in ``t`` and the same whatever the queries.
+        """
+        if self._resid is None:
+            self._setup_condition()
+        dtype = W.dtype
+
+        def fix(t):
+            if isinstance(t, torch.Tensor):
+                t = t.detach().to(torch.float64).reshape(t.shape[:1] + (1,) * (len(self.shape) - 1)) \
+                    if t.numel() > 1 else float(t)
+            tau = t - self._t0
+            L = self._t1 - self._t0
+            kw = (tau, tau * L - tau**2 / 2)
+            kj = (tau**2 / 2, tau**2 * L / 2 - tau**3 / 6)
+            dW = dJ = 0.0
+            for row, r in zip(self._gain, self._resid):  # row: (a_W, a_I) of the gain for this observation
+                dW = dW + (kw[0] * row[0] + kw[1] * row[1]) * r
+                dJ = dJ + (kj[0] * row[0] + kj[1] * row[1]) * r
+            return dW, dJ
+
+        dWu, dJu = fix(u)
+        if s is None:
+            return (W.to(torch.float64) + dWu).to(dtype)
+        dWs, dJs = fix(s)
+        Wc = (W.to(torch.float64) + (dWu - dWs)).to(dtype)
+        if H is None:
+            return Wc, None
+        # over [a, b] = [min(s, u), max(s, u)]: H = (J(b) - J(a) - h W(a)) / h - (W(b) - W(a)) / 2
+        su = torch.as_tensor(u, dtype=torch.float64) - torch.as_tensor(s, dtype=torch.float64)
+        if isinstance(su, torch.Tensor) and su.numel() > 1:
+            su = su.reshape(su.shape[:1] + (1,) * (len(self.shape) - 1))
+            flip = su < 0
+            dWa, dWb = torch.where(flip, dWu, dWs), torch.where(flip, dWs, dWu)
+            dJa, dJb = torch.where(flip, dJu, dJs), torch.where(flip, dJs, dJu)
+            h = su.abs()
+            dH = torch.where(h > 0, (dJb - dJa - h * dWa) / torch.where(h > 0, h, torch.ones_like(h)) - (dWb - dWa) / 2,
+                             torch.zeros_like(dWa))
+        else:
+            h = float(su)
+            if h < 0:
+                dWs, dWu, dJs, dJu, h = dWu, dWs, dJu, dJs, -h
+            dH = (dJu - dJs - h * dWs) / h - (dWu - dWs) / 2 if h > 0 else 0.0
+        return Wc, (H.to(torch.float64) + dH).to(H.dtype)
+
+    def _setup_condition(self):
+        """The gain ``Cov(O)^-1`` rows and the residuals ``o - O`` of the observations (float64)."""
+        L = self._t1 - self._t0
+        Wt, Jt = self._point(*self._locate(self._t1))
+        # each observation as a row over (W(t1), J(t1)): W = (1, 0); H = J / L**2 ... from I = J(t1):
+        # H = I / L - W / 2
+        rows, vals, free = [], [], []
+        if "W" in self._given:
+            rows.append((1.0, 0.0))
+            vals.append(self._given["W"].to(device=self.device, dtype=torch.float64))
+            free.append(Wt)
+        if "H" in self._given:
+            rows.append((-0.5, 1.0 / L))
+            vals.append(self._given["H"].to(device=self.device, dtype=torch.float64))
+            free.append(Jt / L - Wt / 2)
+        S = np.array([[L, L * L / 2], [L * L / 2, L**3 / 3]])  # Cov of (W(t1), J(t1))
+        A = np.array(rows)
+        gain = A.T @ np.linalg.inv(A @ S @ A.T)  # (2, k): Cov(X, O) = k_X A^T, times Cov(O)^-1
+        self._gain = [tuple(gain[:, i]) for i in range(len(rows))]
+        self._resid = [v - f for v, f in zip(vals, free)]
 
     def evaluate_area(self, t0, t1):
         """``(W, A)``: the increment and the space-space Lévy area over the interval between ``t0`` and ``t1``.
@@ -423,6 +531,8 @@ class BrownianInterval(AbstractPath):
         flip = u < s
         a, b = (u, s) if flip else (s, u)
         W, H = self._increment(a, b, True)
+        if self._given is not None:
+            W, H = self._condition(a, b, W, H)
         if not self.shape:
             return (-W if flip else W), torch.zeros_like(W)
         W64, H64 = W.to(torch.float64), H.to(torch.float64)

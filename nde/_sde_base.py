@@ -133,18 +133,15 @@ class BrownianTree(_Offset):
     """torchsde's ``BrownianTree(t0, w0, t1=None, entropy=None, tol=1e-6)``: a Brownian motion on
     ``[t0, t1]`` (``t1 = t0 + 1`` by default) of the shape, dtype and device of ``w0``, determined by
     ``entropy`` (its seed), with ``bm(t) = w0 + W(t0, t)``. Query times are resolved down to ``tol``
-    (passed as ``dt_min``). ``pool_size``, ``cache_depth`` and ``safety`` have no effect; conditioning on
-    the final value ``w1`` is not supported (use torchsde's own ``BrownianTree`` for that)."""
+    (passed as ``dt_min``); with ``w1`` the motion is conditioned on ``bm(t1) = w1`` (a Brownian bridge).
+    ``pool_size``, ``cache_depth`` and ``safety`` have no effect."""
 
     def __init__(self, t0, w0, t1=None, w1=None, entropy=None, tol=1e-6, pool_size=24, cache_depth=9,
                  safety=None):
-        if w1 is not None:
-            raise ValueError("Conditioning the Brownian motion on its final value (w1=) is not supported by "
-                             "nde.BrownianTree; use torchsde.BrownianTree for that.")
         t0 = float(t0)
         t1 = t0 + 1.0 if t1 is None else float(t1)
         super().__init__(t0, t1, tuple(w0.shape), seed=entropy, dtype=w0.dtype, device=w0.device,
-                         dt_min=tol)
+                         dt_min=tol, W=None if w1 is None else w1 - w0)
         self._offset_init(w0)
 
     def __repr__(self):

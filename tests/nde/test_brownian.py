@@ -290,3 +290,65 @@ def test_torchsde_call_convention():
         torch.testing.assert_close(w0, bm(0.0, 0.7))
     with pytest.raises(ValueError, match="levy_area"):
         BrownianInterval(0.0, 1.0, (16,))(0.2, 0.7, return_A=True)
+
+
+def test_conditioned_on_its_increment_is_a_brownian_bridge():
+    n, L = 40000, 2.0
+    wg = torch.randn(n, dtype=torch.float64) * 0.8
+    bm = BrownianInterval(0.0, L, W=wg, seed=9)  # shape and dtype from W, as in torchsde
+    assert bm.shape == (n,) and bm.dtype == torch.float64
+    torch.testing.assert_close(bm.evaluate(0.0, L), wg, rtol=0, atol=1e-13)
+    for t in (0.3, 1.234567891):  # a grid-free time too
+        w = bm.evaluate(0.0, t)
+        z = (w - wg * t / L) / math.sqrt(t * (L - t) / L)
+        assert scipy.stats.kstest(z.numpy(), "norm").pvalue > 1e-3
+        torch.testing.assert_close(bm.evaluate(0.0, t) + bm.evaluate(t, L), wg, rtol=0, atol=1e-13)
+        torch.testing.assert_close(bm.evaluate(t), w, rtol=0, atol=1e-13)
+    # differentiable with respect to the value conditioned on: dW(0, t)/dW = t / L
+    wr = wg[:3].clone().requires_grad_(True)
+    BrownianInterval(0.0, L, W=wr, seed=9).evaluate(0.0, 0.5).sum().backward()
+    torch.testing.assert_close(wr.grad, torch.full((3,), 0.5 / L, dtype=torch.float64))
+
+
+def test_conditioned_on_increment_and_levy_area():
+    n, L = 40000, 1.0
+    wg = torch.randn(n, dtype=torch.float64)
+    hg = torch.randn(n, dtype=torch.float64) / math.sqrt(12)
+    bm = BrownianInterval(0.0, L, W=wg, H=hg, levy_area="space-time", seed=4)
+    w, h = bm.evaluate(0.0, L, use_levy=True)
+    torch.testing.assert_close(w, wg, rtol=0, atol=1e-13)
+    torch.testing.assert_close(h, hg, rtol=0, atol=1e-12)
+    # the halves: given (W, H) of the whole, W of the first half has mean W/2 + 3H/2 and variance 1/16
+    # (Gaussian conditioning on (W, H); the same law the bridge levels use)
+    w1 = bm.evaluate(0.0, 0.5)
+    z = (w1 - (wg / 2 + 1.5 * hg)) / math.sqrt(1 / 16)
+    assert scipy.stats.kstest(z.numpy(), "norm").pvalue > 1e-3
+    # additivity of W and of the time integral, and per-sample queries agree
+    (wa, ha), (wb, hb) = bm.evaluate(0.0, 0.37, use_levy=True), bm.evaluate(0.37, L, use_levy=True)
+    torch.testing.assert_close(wa + wb, wg, rtol=0, atol=1e-13)
+    torch.testing.assert_close(L * (hg + wg / 2), 0.37 * (ha + wa / 2) + 0.63 * (hb + wb / 2) + 0.63 * wa,
+                               rtol=0, atol=1e-12)
+    rows = torch.full((n, 1), 0.37, dtype=torch.float64).reshape(n)
+    wr, hr = bm.evaluate(torch.zeros(n, dtype=torch.float64), rows, use_levy=True)
+    torch.testing.assert_close(wr, wa, rtol=0, atol=1e-13)
+    torch.testing.assert_close(hr, ha, rtol=0, atol=1e-13)
+    # H alone: the free W over [t0, t1], the given H
+    only = BrownianInterval(0.0, L, H=hg, levy_area="space-time", seed=4)
+    w, h = only.evaluate(0.0, L, use_levy=True)
+    torch.testing.assert_close(h, hg, rtol=0, atol=1e-12)
+    assert abs(w.var().item() - L) < 0.05
+    with pytest.raises(ValueError, match="levy_area"):
+        BrownianInterval(0.0, L, H=hg)
+    with pytest.raises(ValueError, match="shape"):
+        BrownianInterval(0.0, L, shape=(3,), W=wg)
+    with pytest.raises(TypeError, match="W"):
+        BrownianInterval(0.0, L, shape=(3,), W=[1.0, 2.0, 3.0])
+
+
+def test_brownian_tree_conditioned_on_its_end():
+    from nde import BrownianTree
+
+    w0, w1 = torch.zeros(4, 2, dtype=torch.float64), torch.full((4, 2), 1.5, dtype=torch.float64)
+    tree = BrownianTree(0.0, w0, t1=2.0, w1=w1, entropy=3)
+    torch.testing.assert_close(tree(2.0), w1, rtol=0, atol=1e-13)
+    torch.testing.assert_close(tree(0.0), w0, rtol=0, atol=0)

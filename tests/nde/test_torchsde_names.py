@@ -53,8 +53,6 @@ def test_brownian_path_and_tree_follow_torchsde_conventions():
     torch.testing.assert_close(tree(0.3, 1.7), tree(1.7) - tree(0.3), rtol=0, atol=1e-12)
     again = nde.BrownianTree(0.0, w0, t1=2.0, entropy=4, tol=1e-5)
     torch.testing.assert_close(again(1.1, 1.3), tree(1.1, 1.3), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="w1"):
-        nde.BrownianTree(0.0, w0, w1=w0)
     path = nde.BrownianPath(1.0, w0)
     assert (path.t0, path.t1) == (1.0, 2.0) and path.dtype == torch.float64
     torch.testing.assert_close(path(1.0), w0)
