@@ -453,8 +453,7 @@ class BrownianInterval(AbstractPath):
 
         def fix(t):
             if isinstance(t, torch.Tensor):
-                t = t.detach().to(torch.float64).reshape(t.shape[:1] + (1,) * (len(self.shape) - 1)) \
-                    if t.numel() > 1 else float(t)
+                t = self._rows(t) if t.numel() > 1 else float(t)
             tau = t - self._t0
             L = self._t1 - self._t0
             kw = (tau, tau * L - tau**2 / 2)
@@ -474,8 +473,8 @@ class BrownianInterval(AbstractPath):
             return Wc, None
         # over [a, b] = [min(s, u), max(s, u)]: H = (J(b) - J(a) - h W(a)) / h - (W(b) - W(a)) / 2
         su = torch.as_tensor(u, dtype=torch.float64) - torch.as_tensor(s, dtype=torch.float64)
-        if isinstance(su, torch.Tensor) and su.numel() > 1:
-            su = su.reshape(su.shape[:1] + (1,) * (len(self.shape) - 1))
+        if su.numel() > 1:
+            su = self._rows(su)
             flip = su < 0
             dWa, dWb = torch.where(flip, dWu, dWs), torch.where(flip, dWs, dWu)
             dJa, dJb = torch.where(flip, dJu, dJs), torch.where(flip, dJs, dJu)
@@ -488,6 +487,12 @@ class BrownianInterval(AbstractPath):
                 dWs, dWu, dJs, dJu, h = dWu, dWs, dJu, dJs, -h
             dH = (dJu - dJs - h * dWs) / h - (dWu - dWs) / 2 if h > 0 else 0.0
         return Wc, (H.to(torch.float64) + dH).to(H.dtype)
+
+    def _rows(self, t):
+        """Per-sample times (one a sample, any shape) as float64 broadcasting against ``shape``."""
+        t = t.detach().to(device=self.device, dtype=torch.float64).reshape(-1)
+        k = _lead(self.shape, t.numel())
+        return t.expand(math.prod(self.shape[:k])).reshape(self.shape[:k] + (1,) * (len(self.shape) - k))
 
     def _setup_condition(self):
         """The gain ``Cov(O)^-1`` rows and the residuals ``o - O`` of the observations (float64)."""

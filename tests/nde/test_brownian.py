@@ -352,3 +352,16 @@ def test_brownian_tree_conditioned_on_its_end():
     tree = BrownianTree(0.0, w0, t1=2.0, w1=w1, entropy=3)
     torch.testing.assert_close(tree(2.0), w1, rtol=0, atol=1e-13)
     torch.testing.assert_close(tree(0.0), w0, rtol=0, atol=0)
+
+
+def test_conditioned_per_sample_queries_with_two_batch_dimensions():
+    wg = torch.randn(3, 5, 2, dtype=torch.float64)
+    bm = BrownianInterval(0.0, 1.0, W=wg, seed=2)
+    ta = torch.rand(3, 5, 1, dtype=torch.float64) * 0.5
+    tb = 0.5 + torch.rand(3, 5, 1, dtype=torch.float64) * 0.5
+    w, pts = bm.evaluate(ta, tb), bm.evaluate(tb)
+    for i in range(3):
+        for j in range(5):
+            torch.testing.assert_close(w[i, j], bm.evaluate(float(ta[i, j]), float(tb[i, j]))[i, j], rtol=0, atol=1e-13)
+            torch.testing.assert_close(pts[i, j], bm.evaluate(float(tb[i, j]))[i, j], rtol=0, atol=1e-13)
+    torch.testing.assert_close(bm.evaluate(torch.zeros(3, 5, 1), torch.ones(3, 5, 1)), wg, rtol=0, atol=1e-13)
