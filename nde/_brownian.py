@@ -189,7 +189,7 @@ class BrownianInterval(AbstractPath):
     agree to rounding.
 
     Queries on the cell grid ``t0 + k dt`` cost one slice (fixed-step solves: pass the solver's step
-    as ``dt``); other times descend ``depth`` cached bridge levels and draw one more sample. The finest
+    as ``dt``); other times descend ``depth`` cached bridge levels and 4 more. The finest
     level has leaves of width ``resolution = dt / 2**depth``: an increment shorter than that with both
     end points strictly inside one leaf cannot be sampled consistently and raises; pass the shortest
     step of the solve as ``dt_min`` and the depth is chosen so that this never happens.
@@ -498,8 +498,7 @@ class BrownianInterval(AbstractPath):
         """The gain ``Cov(O)^-1`` rows and the residuals ``o - O`` of the observations (float64)."""
         L = self._t1 - self._t0
         Wt, Jt = self._point(*self._locate(self._t1))
-        # each observation as a row over (W(t1), J(t1)): W = (1, 0); H = J / L**2 ... from I = J(t1):
-        # H = I / L - W / 2
+        # each observation as a row over (W(t1), J(t1)): W = (1, 0), and H = J(t1) / L - W(t1) / 2
         rows, vals, free = [], [], []
         if "W" in self._given:
             rows.append((1.0, 0.0))
