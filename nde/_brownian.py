@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import struct
+import warnings
 from collections import OrderedDict
 
 import numpy as np
@@ -386,7 +387,12 @@ class BrownianInterval(AbstractPath):
         ``(W, A)`` or ``(W, U, A)`` over ``[ta, tb]`` (``[t0, ta]`` when ``tb`` is None) with
         ``U = int (W(r) - W(ta)) dr`` and ``A`` the space-space Lévy area. As in torchsde, a path of
         shape ``(batch,)`` is a batch of one-dimensional Brownian motions here, so its ``A`` is zero of
-        shape ``(batch,)`` (:meth:`evaluate_area` treats it as one ``batch``-dimensional motion)."""
+        shape ``(batch,)`` (:meth:`evaluate_area` treats it as one ``batch``-dimensional motion).
+
+        Also as in torchsde, a single time outside ``[t0, t1]`` is moved onto the nearer end with a
+        warning (:meth:`evaluate` raises instead)."""
+        ta = self._clamped(ta, "ta")
+        tb = None if tb is None else self._clamped(tb, "tb")
         if not (return_U or return_A):
             return self.evaluate(ta, tb, use_levy=use_levy)
         if tb is None:
@@ -404,6 +410,17 @@ class BrownianInterval(AbstractPath):
             U = (_scalar(tb) - _scalar(ta)) * (H + 0.5 * W)
             return (W, U, A) if return_A else (W, U)
         return W, A
+
+    def _clamped(self, t, name):
+        if isinstance(t, torch.Tensor) and t.numel() > 1:
+            return t
+        v = _scalar(t)
+        for bad, end, rel in ((v < self._t0, self._t0, ">=t0"), (v > self._t1, self._t1, "<=t1")):
+            if bad:
+                warnings.warn(f"Should have {name}{rel} but got {name}={v} and {rel[2:]}={end}: the time is "
+                              f"taken as {end}.", stacklevel=3)
+                return end
+        return t
 
     def evaluate(self, t0, t1=None, left=True, use_levy=False):
         """``W(t0)`` (with ``W(self.t0) = 0``), or the increment ``W(t1) - W(t0)``.

@@ -82,3 +82,14 @@ def test_sdeint_takes_them_as_bm(make):
         if i % 4 == 3:
             out.append(y)
     torch.testing.assert_close(ys, torch.stack(out), rtol=0, atol=1e-12)
+
+
+def test_call_clamps_times_outside_the_interval_as_torchsde():
+    bm = nde.BrownianInterval(0.0, 1.0, size=(3,), entropy=1, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="tb<=t1"):
+        w = bm(0.5, 1.5)
+    torch.testing.assert_close(w, bm(0.5, 1.0), rtol=0, atol=0)
+    with pytest.warns(UserWarning, match="ta>=t0"):
+        torch.testing.assert_close(bm(-1.0, 0.5), bm(0.0, 0.5), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="outside"):  # nde's own evaluate refuses instead
+        bm.evaluate(0.5, 1.5)
