@@ -760,13 +760,33 @@ class BrownianInterval(AbstractPath):
         ``th`` and ``r`` are floats or arrays (one entry a row); ``cW``, ``cI`` have a last axis of the
         basis's length; ``idx[e]`` is the index, among the ``2**e`` nodes of level ``e`` below the leaf,
         of the node holding ``th`` (its noise key). The same linear bridge as above the leaf (``_split``
-        applied to coefficient vectors), then the polynomial through the last node's ``(W, I)``.
+        applied to coefficient vectors), then the polynomial through the last node's ``(W, I)``. The
+        descent depends on ``th`` only through its first ``E`` binary digits: for one time it is kept
+        per ``(r, digits)``.
         """
+        E = _SUB_LEVELS
+        if np.ndim(th) == 0 and np.ndim(r) == 0:
+            scaled = float(th) * (1 << E)  # exact: a power of two
+            digits = min(int(math.floor(scaled)), (1 << E) - 1)
+            key = (float(r), digits)
+            cache = self.__dict__.setdefault("_descents", {})
+            d = cache.get(key)
+            if d is None:
+                d = cache[key] = self._sub_descent(np.float64((digits + 0.5) / (1 << E)), float(r))[:5]
+            accW, accI, nodeW, nodeI, idxs = d
+            return self._sub_close(accW, accI, nodeW, nodeI, np.float64(scaled - digits), float(r)) + (idxs,)
+        accW, accI, nodeW, nodeI, idxs, pos = self._sub_descent(np.asarray(th, dtype=np.float64),
+                                                                 np.asarray(r, dtype=np.float64))
+        return self._sub_close(accW, accI, nodeW, nodeI, pos, r) + (idxs,)
+
+    def _sub_descent(self, th, r):
+        """The ``E`` dyadic levels below a leaf down to the node holding ``th``: the coefficients of
+        the path up to that node's start (``accW``, ``accI``) and of the node's own ``(W, I)``, the
+        node indices of every level, and ``th``'s position inside the last node."""
         levy = self._levy
         E = _SUB_LEVELS
         ncomp = 2 if levy else 1
         off = 2 if levy else 1
-        th = np.asarray(th, dtype=np.float64)
         r = np.asarray(r, dtype=np.float64)[..., None]
         nb = off + E * ncomp
         eye = np.eye(nb)
@@ -794,19 +814,20 @@ class BrownianInterval(AbstractPath):
             nodeW = np.where(m, rW, lW)
             pos = np.where(bit, 2 * pos - 1, 2 * pos)  # exact in binary floating point
             idx = 2 * idx + bit
-        rf = r / (1 << E)
-        phi = pos[..., None]
-        if levy:
+        return accW, accI, nodeW, nodeI, idxs, pos
+
+    def _sub_close(self, accW, accI, nodeW, nodeI, pos, r):
+        """``(cW, cI)`` at position ``pos`` of the last node: its polynomial added to the path before it."""
+        rf = np.asarray(r, dtype=np.float64)[..., None] / (1 << _SUB_LEVELS)
+        phi = np.asarray(pos)[..., None]
+        if self._levy:
             # W(phi) = p phi + q phi^2 with W(1) = W_node and rf int_0^1 W = I_node
             p_ = 6 * nodeI / rf - 2 * nodeW
             q_ = 3 * nodeW - 6 * nodeI / rf
             subW = p_ * phi + q_ * phi**2
             subI = rf * (p_ * phi**2 / 2 + q_ * phi**3 / 3)
-            accI = accI + (phi * rf) * accW + subI
-        else:
-            subW = phi * nodeW
-        accW = accW + subW
-        return accW, accI, idxs
+            return accW + subW, accI + (phi * rf) * accW + subI
+        return accW + phi * nodeW, None
 
     def _children(self, k, d, idx, parent, width, z=None):
         key = (k, d + 1, 2 * idx)

@@ -225,6 +225,14 @@ def test_below_leaf_coefficients_meet_the_leaf_at_its_ends():
             np.testing.assert_allclose(cI[0], 0.0, atol=1e-9)
             np.testing.assert_allclose(cI[1], np.eye(nb)[1], atol=1e-9)
         assert [int(i[2]) for i in idxs] == [int(0.3 * (1 << e)) for e in range(_SUB_LEVELS)]
+        # one time at a time (the kept descent) gives the same coefficients as the vectorised rows
+        for th in (0.3, 1e-15, 1 - 1e-15, 0.5):
+            sW, sI, sidx = bm._below_leaf(th, r)
+            vW, vI, vidx = bm._below_leaf(np.array([th]), np.array([r]))
+            np.testing.assert_allclose(sW, vW[0], rtol=0, atol=1e-12)
+            if bm._levy:
+                np.testing.assert_allclose(sI, vI[0], rtol=0, atol=1e-14)
+            assert [int(i) for i in sidx] == [int(i[0]) for i in vidx]
 
 
 def test_increments_exact_below_the_bridge_grid():
