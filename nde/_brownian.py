@@ -344,6 +344,7 @@ class BrownianInterval(AbstractPath):
         self._totals = _LRU(_SUPER)
         self._grid_tol = 1e-9 * dt
         self._bridge = np.concatenate([_M, _L], 1).tolist()
+        self._descents = {}  # below-leaf descents of one-time queries, per (leaf width, digits)
         self._given = None
         if given:
             for name, v in given.items():
@@ -769,10 +770,9 @@ class BrownianInterval(AbstractPath):
             scaled = float(th) * (1 << E)  # exact: a power of two
             digits = min(int(math.floor(scaled)), (1 << E) - 1)
             key = (float(r), digits)
-            cache = self.__dict__.setdefault("_descents", {})
-            d = cache.get(key)
+            d = self._descents.get(key)
             if d is None:
-                d = cache[key] = self._sub_descent(np.float64((digits + 0.5) / (1 << E)), float(r))[:5]
+                d = self._descents[key] = self._sub_descent(np.float64((digits + 0.5) / (1 << E)), float(r))[:5]
             accW, accI, nodeW, nodeI, idxs = d
             return self._sub_close(accW, accI, nodeW, nodeI, np.float64(scaled - digits), float(r)) + (idxs,)
         accW, accI, nodeW, nodeI, idxs, pos = self._sub_descent(np.asarray(th, dtype=np.float64),

@@ -105,10 +105,7 @@ class ReverseBrownian(BaseBrownian):
 
 
 class _Offset(BrownianInterval):
-    """A BrownianInterval whose point values start at ``w0`` (increments are unchanged)."""
-
-    def _offset_init(self, w0):
-        self._w0 = w0
+    """A BrownianInterval whose point values start at ``self._w0`` (increments are unchanged)."""
 
     def __call__(self, ta, tb=None, use_levy=False, return_U=False, return_A=False):
         out = super().__call__(ta, tb, use_levy=use_levy, return_U=return_U, return_A=return_A)
@@ -123,7 +120,7 @@ class BrownianPath(_Offset):
 
     def __init__(self, t0, w0, window_size=8):
         super().__init__(float(t0), float(t0) + 1.0, tuple(w0.shape), dtype=w0.dtype, device=w0.device)
-        self._offset_init(w0)
+        self._w0 = w0
 
     def __repr__(self):
         return f"BrownianPath(t0={self.t0}, shape={self.shape})"
@@ -142,7 +139,7 @@ class BrownianTree(_Offset):
         t1 = t0 + 1.0 if t1 is None else float(t1)
         super().__init__(t0, t1, tuple(w0.shape), seed=entropy, dtype=w0.dtype, device=w0.device,
                          dt_min=tol, W=None if w1 is None else w1 - w0)
-        self._offset_init(w0)
+        self._w0 = w0
 
     def __repr__(self):
         return f"BrownianTree(t0={self.t0}, t1={self.t1}, shape={self.shape})"

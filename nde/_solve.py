@@ -198,56 +198,7 @@ def _prepare(terms, solver, t0, t1, y0, dt0, args, saveat, controller, max_steps
     it0 = t0f * sign
     it1 = t1f * sign
     ts_in = saveat.ts
-    ts = None
-    per_sample = False
-    if ts_in is not None:
-        tst = ts_in if isinstance(ts_in, torch.Tensor) else torch.as_tensor(ts_in, dtype=torch.float64)
-        ts_eps = torch.finfo(tst.dtype).eps if tst.dtype.is_floating_point else 0.0
-        if tst.dtype.is_complex or not (tst.dtype.is_floating_point or tst.dtype in (torch.int32, torch.int64)):
-            raise TypeError(f"SaveAt(ts=...) must hold real times; got dtype {tst.dtype}.")
-        if tst.dim() == 1 and 0 < tst.shape[0] <= _FEW_TIMES and not isinstance(t0f, torch.Tensor) and not isinstance(t1f, torch.Tensor):
-            # the common case, a few shared output times: checked as Python floats (one copy to the host
-            # instead of a dozen small tensor operations)
-            ts = _few_times(tst.detach().tolist(), it0, it1, sign, ts_eps)
-            tst = None
-        else:
-            tst = tst.detach().to(torch.float64, copy=True).cpu()
-    if ts_in is not None and tst is not None:
-        if tst.dim() == 0:
-            tst = tst.reshape(1)
-        if tst.dim() != 1:
-            if not independent or tuple(tst.shape[:-1]) != bshape:
-                raise ValueError(
-                    "SaveAt(ts=...) must be 1-D, or in independent mode of shape (*batch_shape, n); "
-                    f"got shape {tuple(tst.shape)}."
-                )
-            per_sample = True
-        if tst.shape[-1] == 0:
-            raise ValueError("SaveAt(ts=...) is empty.")
-        if not per_sample and (isinstance(t0f, torch.Tensor) or isinstance(t1f, torch.Tensor)):
-            # times shared by samples with intervals of their own: every sample saves at all of them
-            tst = tst.expand(bshape + (tst.shape[-1],)).clone()
-            per_sample = True
-        if not bool(torch.isfinite(tst).all()):
-            raise ValueError("SaveAt(ts=...) contains NaN or inf.")
-        its = tst * sign
-        if bool((its[..., 1:] < its[..., :-1]).any()):
-            raise ValueError(
-                "SaveAt(ts=...) must be monotone in the direction of integration "
-                f"({'increasing' if sign > 0 else 'decreasing'}, since t1 {'>' if sign > 0 else '<'} t0)."
-            )
-        lo = torch.as_tensor(it0, dtype=torch.float64)
-        hi = torch.as_tensor(it1, dtype=torch.float64)
-        if per_sample:
-            lo, hi = lo.expand(bshape).unsqueeze(-1), hi.expand(bshape).unsqueeze(-1)
-        # times given in float32 may sit a rounding error outside [t0, t1]
-        rel = max(1e-12, 4 * ts_eps)
-        tol_lo = rel * (1 + lo.abs())
-        tol_hi = rel * (1 + hi.abs())
-        if bool(((its < lo - tol_lo) | (its > hi + tol_hi)).any()):
-            raise ValueError(f"SaveAt(ts=...) must lie inside [t0, t1] = [{t0f if not isinstance(t0f, torch.Tensor) else 't0'}, {t1f if not isinstance(t1f, torch.Tensor) else 't1'}].")
-        its = torch.minimum(torch.maximum(its, lo), hi)
-        ts = its
+    ts, per_sample = (None, False) if ts_in is None else _output_times(ts_in, t0f, t1f, it0, it1, sign, independent, bshape)
     if sign < 0:
         terms_int = reverse_time(terms)
         controller = _reverse_controller(controller)
@@ -266,23 +217,61 @@ def _prepare(terms, solver, t0, t1, y0, dt0, args, saveat, controller, max_steps
 _FEW_TIMES = 4096
 
 
-def _few_times(vals, it0, it1, sign, eps):
-    """``SaveAt(ts=vals)`` checked and mapped to internal time (``sign * t``, clipped onto
-    ``[it0, it1]``) as a float64 tensor: the checks of the general path, on Python floats."""
-    if not all(math.isfinite(v) for v in vals):
-        raise ValueError("SaveAt(ts=...) contains NaN or inf.")
-    its = [v * sign for v in vals]
-    if any(b < a for a, b in zip(its, its[1:])):
-        raise ValueError(
-            "SaveAt(ts=...) must be monotone in the direction of integration "
-            f"({'increasing' if sign > 0 else 'decreasing'}, since t1 {'>' if sign > 0 else '<'} t0)."
-        )
+def _output_times(ts_in, t0f, t1f, it0, it1, sign, independent, bshape):
+    """``SaveAt(ts=ts_in)`` checked and mapped to internal time (``sign * t``, clipped onto
+    ``[it0, it1]``): ``(float64 tensor, per_sample)``."""
+    tst = ts_in if isinstance(ts_in, torch.Tensor) else torch.as_tensor(ts_in, dtype=torch.float64)
+    if tst.dtype.is_complex or not (tst.dtype.is_floating_point or tst.dtype in (torch.int32, torch.int64)):
+        raise TypeError(f"SaveAt(ts=...) must hold real times; got dtype {tst.dtype}.")
     # times given in float32 may sit a rounding error outside [t0, t1]
-    rel = max(1e-12, 4 * eps)
-    lo, hi = it0 - rel * (1 + abs(it0)), it1 + rel * (1 + abs(it1))
-    if its[0] < lo or its[-1] > hi:
-        raise ValueError(f"SaveAt(ts=...) must lie inside [t0, t1] = [{it0 * sign}, {it1 * sign}].")
-    return torch.tensor([min(max(v, it0), it1) for v in its], dtype=torch.float64)
+    rel = max(1e-12, 4 * torch.finfo(tst.dtype).eps) if tst.dtype.is_floating_point else 1e-12
+    shared_ends = not isinstance(t0f, torch.Tensor) and not isinstance(t1f, torch.Tensor)
+    if tst.dim() == 1 and 0 < tst.shape[0] <= _FEW_TIMES and shared_ends:
+        # the common case, a few shared output times: checked as Python floats (one copy to the host
+        # instead of a dozen small tensor operations)
+        vals = tst.detach().tolist()
+        if not all(math.isfinite(v) for v in vals):
+            raise ValueError("SaveAt(ts=...) contains NaN or inf.")
+        its = [v * sign for v in vals]
+        if any(b < a for a, b in zip(its, its[1:])):
+            raise ValueError(_not_monotone(sign))
+        if its[0] < it0 - rel * (1 + abs(it0)) or its[-1] > it1 + rel * (1 + abs(it1)):
+            raise ValueError(f"SaveAt(ts=...) must lie inside [t0, t1] = [{t0f}, {t1f}].")
+        return torch.tensor([min(max(v, it0), it1) for v in its], dtype=torch.float64), False
+    tst = tst.detach().to(torch.float64, copy=True).cpu()
+    per_sample = False
+    if tst.dim() == 0:
+        tst = tst.reshape(1)
+    if tst.dim() != 1:
+        if not independent or tuple(tst.shape[:-1]) != bshape:
+            raise ValueError(
+                "SaveAt(ts=...) must be 1-D, or in independent mode of shape (*batch_shape, n); "
+                f"got shape {tuple(tst.shape)}."
+            )
+        per_sample = True
+    if tst.shape[-1] == 0:
+        raise ValueError("SaveAt(ts=...) is empty.")
+    if not per_sample and not shared_ends:
+        # times shared by samples with intervals of their own: every sample saves at all of them
+        tst = tst.expand(bshape + (tst.shape[-1],)).clone()
+        per_sample = True
+    if not bool(torch.isfinite(tst).all()):
+        raise ValueError("SaveAt(ts=...) contains NaN or inf.")
+    its = tst * sign
+    if bool((its[..., 1:] < its[..., :-1]).any()):
+        raise ValueError(_not_monotone(sign))
+    lo = torch.as_tensor(it0, dtype=torch.float64)
+    hi = torch.as_tensor(it1, dtype=torch.float64)
+    if per_sample:
+        lo, hi = lo.expand(bshape).unsqueeze(-1), hi.expand(bshape).unsqueeze(-1)
+    if bool(((its < lo - rel * (1 + lo.abs())) | (its > hi + rel * (1 + hi.abs()))).any()):
+        raise ValueError(f"SaveAt(ts=...) must lie inside [t0, t1] = [{t0f if not isinstance(t0f, torch.Tensor) else 't0'}, {t1f if not isinstance(t1f, torch.Tensor) else 't1'}].")
+    return torch.minimum(torch.maximum(its, lo), hi), per_sample
+
+
+def _not_monotone(sign):
+    return ("SaveAt(ts=...) must be monotone in the direction of integration "
+            f"({'increasing' if sign > 0 else 'decreasing'}, since t1 {'>' if sign > 0 else '<'} t0).")
 
 
 def _signed_dt0(dt0, sign):
