@@ -684,7 +684,7 @@ def _integrate_independent(p: Problem) -> Solution:
 
     result = torch.zeros(B, dtype=torch.long, device=dev)
     num_steps = torch.zeros(B, dtype=torch.long, device=dev)
-    n_acc = torch.zeros(B, dtype=torch.long, device=dev)
+    n_rej = torch.zeros(B, dtype=torch.long, device=dev)
     nfe = torch.zeros(B, dtype=torch.long, device=dev)
 
     # working set
@@ -710,16 +710,19 @@ def _integrate_independent(p: Problem) -> Solution:
     final_y = yf  # final states, filled in as samples leave the working batch (out of place: differentiable)
     step_no = 0
     on_accept = getattr(p, "on_accept", None)
-    # Per-step statistics are counted in the order of the working batch (one in-place add each) and
-    # added to the per-sample counters whenever the working batch changes, and at the end.
+    # Per-step statistics are counted in the order of the working batch and added to the per-sample
+    # counters whenever the working batch changes, and at the end. Only the steps are counted every
+    # step: rejections where there are any, and evaluations as seg_n (those of this segment's first
+    # step) a step plus, in nfe_w, what other steps took more.
     steps_w = torch.zeros_like(widx)
-    acc_w = torch.zeros_like(widx)
+    rej_w = torch.zeros_like(widx)
     nfe_w = torch.zeros_like(widx)
+    seg_n = None
 
-    def flush(widx, steps_w, acc_w, nfe_w):
+    def flush(widx, steps_w, rej_w, nfe_w, seg_n):
         num_steps.index_add_(0, widx, steps_w)
-        n_acc.index_add_(0, widx, acc_w)
-        nfe.index_add_(0, widx, nfe_w)
+        n_rej.index_add_(0, widx, rej_w)
+        nfe.index_add_(0, widx, nfe_w if seg_n is None else nfe_w.add_(steps_w, alpha=seg_n))
 
     plain_next = not constant and not controller.step_ts and not controller.jump_ts
     while True:
@@ -730,13 +733,13 @@ def _integrate_independent(p: Problem) -> Solution:
         if compactable and 2 * n_active < active.numel() and active.numel() > 1:
             keep = active.nonzero().flatten()
             gone = (~active).nonzero().flatten()
-            flush(widx, steps_w, acc_w, nfe_w)
+            flush(widx, steps_w, rej_w, nfe_w, seg_n)
             final_y = final_y.index_put((widx[gone],), y[gone])
             widx, t, t_next, tend, y = widx[keep], t[keep], t_next[keep], tend[keep], y[keep]
             state = _tree_index(state, keep, 1, (active.numel(),))
             cstate = _tree_index(cstate, keep, 1, (active.numel(),))
             active = active[keep]
-            steps_w, acc_w, nfe_w = torch.zeros_like(widx), torch.zeros_like(widx), torch.zeros_like(widx)
+            steps_w, rej_w, nfe_w, seg_n = torch.zeros_like(widx), torch.zeros_like(widx), torch.zeros_like(widx), None
         deactivated = False  # whether a sample stopped early this step (failure or event)
         if p.max_steps is not None and step_no >= p.max_steps:  # no sample has taken more than step_no steps
             taken = num_steps[widx] + steps_w
@@ -760,12 +763,16 @@ def _integrate_independent(p: Problem) -> Solution:
             y1, y_err, info, new_state, n = solver.step(terms, tb(t), tb(tn), y, args, state)
         step_no += 1
         steps_w += active
-        nfe_w.add_(active, alpha=n)
+        if seg_n is None:
+            seg_n = n
+        elif n != seg_n:
+            nfe_w.add_(active, alpha=n - seg_n)
         accept, nt0, nt1, cstate, _ = controller.adapt_batch(t, tn, y, y1, y_err, cstate, norm_fn)
         if constant:
             finite = _finite_per_sample(y1)
             bad = active & ~finite
             if bool(bad.any()):
+                rej_w += bad
                 result[widx[bad]] = int(RESULTS.nonfinite)
                 if p.throw:
                     _fail(p, RESULTS.nonfinite, float(tn[bad][0]), step_no, widx[bad].tolist())
@@ -776,6 +783,7 @@ def _integrate_independent(p: Problem) -> Solution:
             accept = accept & active
             if int(accept.sum()) < n_active:  # some step was rejected: did its next size underflow?
                 rej = active & ~accept
+                rej_w += rej
                 under = rej & ((nt1 - nt0) <= 8 * torch.finfo(torch.float64).eps * nt0.abs().clamp(min=1e-300))
                 if controller.dtmin is not None and not controller.force_dtmin:
                     under = under | (rej & ((nt1 - nt0) < controller.dtmin))
@@ -785,7 +793,6 @@ def _integrate_independent(p: Problem) -> Solution:
                         _fail(p, RESULTS.dt_underflow, float(t[under][0]), step_no, widx[under].tolist())
                     active = active & ~under
                     deactivated = True
-        acc_w += accept
         ev_hit, t_save = None, tn
         if ev is not None:
             ev_hit, t_ev, y_ev, n = ev.step(widx, accept, t, tn, y1, info)
@@ -845,7 +852,7 @@ def _integrate_independent(p: Problem) -> Solution:
             t_next = torch.where(tend - t_next <= 1e-10 * (t_next - t), tend, t_next)
         if deactivated:
             t_next = torch.where(active, t_next, t)
-    flush(widx, steps_w, acc_w, nfe_w)
+    flush(widx, steps_w, rej_w, nfe_w, seg_n)
     if bar is not None:
         bar.close()
     final_y = y if widx.numel() == B else final_y.index_put((widx,), y)
@@ -863,8 +870,8 @@ def _integrate_independent(p: Problem) -> Solution:
     if p.throw is False:
         pass
     stats = {
-        "num_steps": num_steps.reshape(bshape), "num_accepted_steps": n_acc.reshape(bshape),
-        "num_rejected_steps": (num_steps - n_acc).reshape(bshape), "nfe": nfe.reshape(bshape),
+        "num_steps": num_steps.reshape(bshape), "num_accepted_steps": (num_steps - n_rej).reshape(bshape),
+        "num_rejected_steps": n_rej.reshape(bshape), "nfe": nfe.reshape(bshape),
     }
     ts_parts = []
     if saveat.t0:
