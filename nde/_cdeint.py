@@ -19,6 +19,7 @@ import functools
 import math
 import warnings
 
+import numpy as np
 import torch
 
 from ._controllers import ConstantStepSize, PIDController, _snap_tol, _term_jumps
@@ -255,14 +256,14 @@ class _Grid(ConstantStepSize):
         return True, t1, pts[i], False, (pts, i), 0.0
 
     def init_batch(self, terms, t0, t1, y0, dt0, args, solver, norm_fn, error_order=None):
-        pts = _GridPoints(torch.tensor(self._points(terms, y0), dtype=torch.float64, device=t0.device))
-        i = torch.searchsorted(pts.tensor, t0, right=True).clamp(max=pts.last)
-        return torch.minimum(pts.tensor[i], t1), (pts, i), 0
+        pts = _GridPoints(np.array(self._points(terms, y0), dtype=np.float64))
+        i = np.minimum(np.searchsorted(pts.array, t0, side="right"), pts.last)
+        return np.minimum(pts.array[i], t1), (pts, i), 0
 
     def adapt_batch(self, t0, t1, y0, y1, y_err, state, norm_fn):
         pts, i = state
-        i = (i + 1).clamp(max=pts.last)
-        return torch.ones_like(t0, dtype=torch.bool), t1, pts.tensor[i], (pts, i), None
+        i = np.minimum(i + 1, pts.last)
+        return np.ones(t0.shape, dtype=bool), t1, pts.array[i], (pts, i), None
 
     def __repr__(self):
         return f"GridSteps({len(self.grid) - 1} steps)"
@@ -271,8 +272,8 @@ class _Grid(ConstantStepSize):
 class _GridPoints:
     """A grid held outside the per-sample controller state (which the loop indexes by sample)."""
 
-    def __init__(self, tensor):
-        self.tensor, self.last = tensor, tensor.numel() - 1
+    def __init__(self, array):
+        self.array, self.last = array, array.size - 1
 
 
 # torchsde's methods, applied to an equation whose Brownian part is zero: the deterministic method

@@ -1,7 +1,9 @@
 """Step-size controllers: how big the next step is.
 
 Two code paths share each controller: joint mode works on Python floats (one host sync a step,
-for the error norm), independent mode on float64 tensors holding one time per sample.
+for the error norm), independent mode on float64 NumPy arrays holding one time per sample (on the
+host, where an operation on a few hundred numbers costs a fraction of a small tensor operation; the
+error norms are the only per-sample numbers that come from the state's device, once a step).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import bisect
 import math
 
+import numpy as np
 import torch
 
 
@@ -42,7 +45,8 @@ class _Jumps:
 
     def __init__(self, jump_ts, device=None, dtype=torch.float64):
         self.tensor = torch.unique(torch.as_tensor(jump_ts, dtype=torch.float64).detach().reshape(-1).to(device))
-        self.list = self.tensor.tolist()
+        self.array = self.tensor.cpu().numpy()
+        self.list = self.array.tolist()
         self.clip = True
         # times closer than the rounding of the state's dtype are one time to the solver's stages
         self.eps = max(torch.finfo(dtype).eps, torch.finfo(torch.float64).eps)
@@ -82,21 +86,35 @@ def _next_end(jumps, t, target, tol):
 
 
 def _next_end_batch(jumps, t, target, dt0, start):
-    """:func:`_next_end` with one time a sample (float64 tensors)."""
-    ts = jumps.tensor
-    last = ts.numel() - 1
-    scale = torch.maximum(torch.maximum(start.abs(), target.abs()), t.abs())
-    tol = torch.minimum(1e-9 * dt0 + 16 * jumps.eps * scale, 0.25 * dt0)
-    i = torch.searchsorted(ts, target)
-    hi, lo = ts[i.clamp(max=last)], ts[(i - 1).clamp(min=0)]
-    near = torch.where((hi - target).abs() <= (target - lo).abs(), hi, lo)
-    target = torch.where((near - target).abs() <= tol, near, target)
+    """:func:`_next_end` with one time a sample (float64 NumPy arrays)."""
+    ts = jumps.array
+    last = ts.size - 1
+    scale = np.maximum(np.maximum(np.abs(start), np.abs(target)), np.abs(t))
+    tol = np.minimum(1e-9 * dt0 + 16 * jumps.eps * scale, 0.25 * dt0)
+    i = np.searchsorted(ts, target)
+    hi, lo = ts[np.minimum(i, last)], ts[np.maximum(i - 1, 0)]
+    near = np.where(np.abs(hi - target) <= np.abs(target - lo), hi, lo)
+    target = np.where(np.abs(near - target) <= tol, near, target)
     if not jumps.clip:
-        return target, torch.zeros_like(target, dtype=torch.bool)
-    j = torch.searchsorted(ts, t + tol, right=True)
-    cand = ts[j.clamp(max=last)]
+        return target, np.zeros(target.shape, dtype=bool)
+    j = np.searchsorted(ts, t + tol, side="right")
+    cand = ts[np.minimum(j, last)]
     clipped = (j <= last) & (cand < target - tol)
-    return torch.where(clipped, cand, target), clipped
+    return np.where(clipped, cand, target), clipped
+
+
+def host_times(x, shape):
+    """Per-sample times or step sizes (a number, or a tensor or array of ``shape``) as a new float64
+    NumPy array of ``shape``."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to("cpu", torch.float64).numpy()
+    return np.array(np.broadcast_to(np.asarray(x, dtype=np.float64), shape))
+
+
+def device_times(x, like):
+    """A NumPy array of per-sample times (or a mask) as a tensor on ``like``'s device (no copy on the CPU)."""
+    t = torch.from_numpy(x)
+    return t if like.device.type == "cpu" else t.to(like.device)
 
 
 class ConstantStepSize(AbstractController):
@@ -148,26 +166,23 @@ class ConstantStepSize(AbstractController):
     def init_batch(self, terms, t0, t1, y0, dt0, args, solver, norm_fn, error_order=None):
         if dt0 is None:
             raise ValueError("ConstantStepSize needs a step size: pass dt0=... to nde.solve.")
-        dt0 = torch.as_tensor(dt0, dtype=torch.float64, device=t0.device)
-        if dt0.dim() == 0:
-            dt0 = dt0.expand(t0.shape)
-        dt0 = dt0.abs()
-        if not bool(torch.isfinite(dt0).all() and (dt0 > 0).all()):
+        dt0 = np.abs(host_times(dt0, t0.shape))
+        if not (np.isfinite(dt0).all() and (dt0 > 0).all()):
             raise ValueError("dt0 must be finite and nonzero for every sample.")
-        jumps = self._jumps(terms, y0, t0.device)
+        jumps = self._jumps(terms, y0, y0.device)
         first = t0 + dt0
-        clipped = torch.zeros_like(t0, dtype=torch.bool)
+        clipped = np.zeros(t0.shape, dtype=bool)
         if jumps is not None:
             first, clipped = _next_end_batch(jumps, t0, first, dt0, t0)
-        return torch.minimum(first, t1), (dt0, t0.clone(), torch.ones_like(t0), jumps, clipped), 0
+        return np.minimum(first, t1), (dt0, t0.copy(), np.ones(t0.shape), jumps, clipped), 0
 
     def adapt_batch(self, t0, t1, y0, y1, y_err, state, norm_fn):
         dt0, start, m, jumps, clipped = state
-        m = torch.where(clipped, m, m + 1)
+        m = np.where(clipped, m, m + 1)
         nxt = start + m * dt0
         if jumps is not None:
             nxt, clipped = _next_end_batch(jumps, t1, nxt, dt0, start)
-        return torch.ones_like(t0, dtype=torch.bool), t1, nxt, (dt0, start, m, jumps, clipped), None
+        return np.ones(t0.shape, dtype=bool), t1, nxt, (dt0, start, m, jumps, clipped), None
 
     def __repr__(self):
         return "ConstantStepSize()" if self.land_on_jumps else "ConstantStepSize(land_on_jumps=False)"
@@ -290,21 +305,25 @@ class PIDController(AbstractController):
         """Hairer--Norsett--Wanner's starting step; returns ``(dt, nfe)``.
 
         Joint mode (``t0`` a Python float): every norm is synced to the host once and the rest is
-        arithmetic on Python floats, ``dt`` a float. Independent mode: one entry a sample, as tensors.
+        arithmetic on Python floats, ``dt`` a float. Independent mode (``t0`` a NumPy array): one
+        entry a sample, the norms brought to the host once each and ``dt`` a NumPy array.
         """
         if not terms.is_ode:
             raise ValueError("An adaptive solve of this equation needs a first step: pass dt0=... to nde.solve.")
         f = terms.ode
         atol = self.atol.to(y0.dtype) if isinstance(self.atol, torch.Tensor) else self.atol
         joint = isinstance(t0, float)
+        pad = (1,) * (y0.dim() - 1)
         if joint:
             tt0 = torch.tensor(t0, dtype=y0.dtype, device=y0.device)
 
             def norm(x):
                 return float(norm_per(x))
         else:  # per-sample times, broadcastable against y0 as everywhere else in independent mode
-            tt0 = t0.to(y0.dtype).reshape(t0.shape + (1,) * (y0.dim() - t0.dim()))
-            norm = norm_per
+            tt0 = device_times(t0, y0).to(y0.dtype).reshape(t0.shape + pad)
+
+            def norm(x):
+                return norm_per(x).to("cpu", torch.float64).numpy()
         nfe = 2 if f0 is None else 1
         with torch.no_grad():
             f0 = f(tt0, y0, args) if f0 is None else f0.detach()
@@ -316,18 +335,20 @@ class PIDController(AbstractController):
                 y1 = torch.add(y0, f0, alpha=h0)
                 tt1 = torch.tensor(t0 + h0, dtype=y0.dtype, device=y0.device)
             else:
-                h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
-                h0b = h0.to(y0.dtype).reshape(h0.shape + (1,) * (y0.dim() - h0.dim()))
-                y1 = y0 + h0b * f0
+                with np.errstate(all="ignore"):
+                    h0 = np.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1)
+                h0b = device_times(h0, y0).to(y0.dtype).reshape(h0.shape + pad)
+                y1 = torch.addcmul(y0, h0b, f0)
                 tt1 = tt0 + h0b
             f1 = f(tt1, y1, args)
             d2 = norm((f1 - f0) / scale) / h0
         if joint:
             dmax = max(d1, d2)
             return min(100 * h0, max(h0 * 1e-3, 1e-6) if dmax <= 1e-15 else (0.01 / dmax) ** (1.0 / q)), nfe
-        dmax = torch.maximum(d1, d2)
-        h1 = torch.where(dmax <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / dmax) ** (1.0 / q))
-        return torch.minimum(100 * h0, h1), nfe
+        dmax = np.maximum(d1, d2)
+        with np.errstate(all="ignore"):
+            h1 = np.where(dmax <= 1e-15, np.maximum(h0 * 1e-3, 1e-6), (0.01 / dmax) ** (1.0 / q))
+        return np.minimum(100 * h0, h1), nfe
 
     # ---- joint mode (Python floats) ------------------------------------------------------
     def init_joint(self, terms, t0, t1, y0, dt0, args, solver, error_order=None, f0=None):
@@ -400,7 +421,7 @@ class PIDController(AbstractController):
             state = state[:3] + (None,)
         return False, t0, t0 + new_dt, False, state, err
 
-    # ---- independent mode (tensors, one entry a sample) ----------------------------------
+    # ---- independent mode (NumPy arrays, one entry a sample) ------------------------------
     def init_batch(self, terms, t0, t1, y0, dt0, args, solver, norm_fn, error_order=None, f0=None):
         q = error_order
         if q is None:
@@ -411,22 +432,20 @@ class PIDController(AbstractController):
         nfe = 0
         if dt0 is None:
             dt, nfe = self._initial_dt(terms, t0, t1, y0, args, q, norm_fn, f0)
-            dt = dt.to(torch.float64).reshape(t0.shape)
         else:
-            dt = torch.as_tensor(dt0, dtype=torch.float64, device=t0.device).abs().expand(t0.shape).clone()
+            dt = np.abs(host_times(dt0, t0.shape))
         if self.dtmax is not None:
-            dt = dt.clamp(max=self.dtmax)
-        ones = torch.ones_like(t0)
+            dt = np.minimum(dt, self.dtmax)
+        ones = np.ones(t0.shape)
         return self._next_t1_batch(t0, t0 + dt, t1), (ones, ones, q), nfe
 
     def _next_t1_batch(self, t0, t1, t_end):
         for ts in (self.step_ts, self.jump_ts):
             if ts:
-                tst = torch.tensor(ts, dtype=torch.float64, device=t0.device)
-                i = torch.searchsorted(tst, t0, right=True)
-                cand = torch.cat([tst, tst.new_full((1,), math.inf)])[i]
-                t1 = torch.where(cand < t1, cand, t1)
-        return torch.minimum(t1, t_end)
+                tst = np.array(ts + [math.inf])
+                cand = tst[np.searchsorted(tst[:-1], t0, side="right")]
+                t1 = np.where(cand < t1, cand, t1)
+        return np.minimum(t1, t_end)
 
     def _error_batch(self, y0, y1, y_err, norm_fn):
         """The scaled error norm of every sample (leading dimension), in the state's dtype."""
@@ -438,6 +457,13 @@ class PIDController(AbstractController):
         err = torch.linalg.vector_norm(m, dim=1)
         return err.mul_(self._const(1.0 / (math.sqrt(max(m.shape[1], 1)) * self.rtol), err))
 
+    def _err_floor(self, b1):
+        """The error below which integral control takes ``factormax`` anyway: the errors are raised to
+        it, so that ``err ** -b1`` stays finite."""
+        if b1 > 0 and self.safety > 0:
+            return max(0.5 * (self.factormax / self.safety) ** (-1.0 / b1), 1e-300)
+        return 1e-300
+
     def adapt_batch(self, t0, t1, y0, y1, y_err, state, norm_fn):
         prev1, prev2, q = state
         b1, b2, b3 = self._betas(q)
@@ -446,37 +472,35 @@ class PIDController(AbstractController):
                 err = self._error_batch(y0, y1, y_err, norm_fn)
         else:
             err = self._error_batch(y0, y1, y_err, norm_fn)
-        one = self._const(1.0, err)
+        err = err.cpu().numpy().astype(np.float64)
+        dt = t1 - t0
         # NaN and inf compare false: a non-finite error rejects the step
-        accept = err <= one
+        accept = err <= 1.0
         if self.force_dtmin and self.dtmin is not None:
-            accept = accept | (torch.isfinite(err) & ((t1 - t0) <= self.dtmin * (1 + 1e-9)))
-        # an accepted step never shrinks the next one
-        lo = torch.where(accept, one, self._const(self.factormin, err))
+            accept = accept | (np.isfinite(err) & (dt <= self.dtmin * (1 + 1e-9)))
+        lo = np.where(accept, 1.0, self.factormin)  # an accepted step never shrinks the next one
         if b2 == 0.0 and b3 == 0.0:
-            # integral control: err = 0 gives inf (then factormax), inf gives 0 and NaN is dropped by
-            # fmax (both then factormin, as the step is rejected)
-            factor = torch.fmax(err.pow(-b1).mul_(self._const(self.safety, err)), lo).clamp_(max=self.factormax)
+            # integral control: an error below the floor (0 included) gives factormax, inf gives 0 and
+            # NaN (kept by maximum, dropped by fmax) gives lo (both then factormin: the step is rejected)
+            factor = np.minimum(np.fmax(self.safety * np.maximum(err, self._err_floor(b1)) ** -b1, lo), self.factormax)
             new_state = state
         else:
-            finite = torch.isfinite(err)
-            safe_err = torch.where(finite, err, torch.ones_like(err)).clamp(min=1e-10)
-            factor = self.safety * safe_err ** (-b1)
+            finite = np.isfinite(err)
+            safe_err = np.maximum(np.where(finite, err, 1.0), 1e-10)
+            factor = self.safety * safe_err ** -b1
             if b2 != 0.0:
-                factor = factor * prev1 ** (-b2)
+                factor = factor * prev1 ** -b2
             if b3 != 0.0:
-                factor = factor * prev2 ** (-b3)
-            factor = factor.masked_fill(err == 0, self.factormax)
-            factor = torch.maximum(factor, lo).clamp_(max=self.factormax).masked_fill_(~finite, self.factormin)
-            new_state = (torch.where(accept, safe_err, prev1), torch.where(accept, prev1, prev2), q)
-        next_t0 = torch.where(accept, t1, t0)
-        if self.dtmax is None and not (self.dtmin is not None and self.force_dtmin):
-            return accept, next_t0, torch.addcmul(next_t0, t1 - t0, factor), new_state, err
-        new_dt = (t1 - t0) * factor
+                factor = factor * prev2 ** -b3
+            factor = np.where(err == 0, self.factormax, factor)
+            factor = np.where(finite, np.minimum(np.maximum(factor, lo), self.factormax), self.factormin)
+            new_state = (np.where(accept, safe_err, prev1), np.where(accept, prev1, prev2), q)
+        new_dt = dt * factor
         if self.dtmax is not None:
-            new_dt = new_dt.clamp(max=self.dtmax)
+            new_dt = np.minimum(new_dt, self.dtmax)
         if self.dtmin is not None and self.force_dtmin:
-            new_dt = new_dt.clamp(min=self.dtmin)
+            new_dt = np.maximum(new_dt, self.dtmin)
+        next_t0 = np.where(accept, t1, t0)
         return accept, next_t0, next_t0 + new_dt, new_state, err
 
 

@@ -6,9 +6,10 @@ import bisect
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
-from ._controllers import AbstractController, ConstantStepSize, PIDController, rms_norm
+from ._controllers import AbstractController, ConstantStepSize, PIDController, device_times, host_times, rms_norm
 from ._errors import SolveError
 from ._saveat import SaveAt
 from ._solution import RESULTS, DenseIndependent, DenseJoint, Solution
@@ -611,12 +612,18 @@ def _tree_where(mask, new, old):
     return new
 
 
+def tb_like(x, pad):
+    """A per-sample tensor ``(n,)`` reshaped to ``(n, 1, ..., 1)`` against states with ``pad`` trailing dims."""
+    return x.reshape((x.shape[0],) + pad)
+
+
 def _tree_index(tree, idx, nb, bshape):
-    """Select samples ``idx`` (flat indices) of every batch-leading tensor in ``tree``."""
+    """Select samples ``idx`` (flat indices; a tensor, or an array for NumPy leaves) of every
+    batch-leading tensor or array in ``tree``."""
     if tree is None:
         return None
-    if isinstance(tree, torch.Tensor):
-        if tree.dim() >= nb and tuple(tree.shape[:nb]) == tuple(bshape):
+    if isinstance(tree, (torch.Tensor, np.ndarray)):
+        if tree.ndim >= nb and tuple(tree.shape[:nb]) == tuple(bshape):
             return tree.reshape((-1,) + tree.shape[nb:])[idx]
         return tree
     if isinstance(tree, (list, tuple)):
@@ -628,6 +635,11 @@ def _tree_index(tree, idx, nb, bshape):
 
 def _integrate_independent(p: Problem) -> Solution:
     """Every sample its own time, step size, accept/reject and statistics.
+
+    The per-sample times, masks and counters are float64/bool/int64 NumPy arrays on the host (an
+    operation on a few hundred numbers there costs a fraction of a small tensor operation); they
+    meet the state as tensors on its device (``torch.from_numpy``, no copy on the CPU), and the
+    error norms come back once a step. Arrays handed to tensors are never changed in place.
 
     The working batch is compacted (finished samples removed) when fewer than half of it is still
     running, so that finished samples stop costing vector-field work; only when ``args`` is None and
@@ -646,8 +658,9 @@ def _integrate_independent(p: Problem) -> Solution:
     controller = _merge_jump_ts(p.controller, terms)
     constant = isinstance(controller, ConstantStepSize)
 
-    t0_full = torch.as_tensor(p.t0, dtype=torch.float64, device=dev).expand(bshape).reshape(B).clone()
-    tend_full = torch.as_tensor(p.t1, dtype=torch.float64, device=dev).expand(bshape).reshape(B).clone()
+    t0_np = host_times(p.t0, bshape).reshape(B)
+    tend_np = host_times(p.t1, bshape).reshape(B)
+    t0_full, tend_full = device_times(t0_np, y0), device_times(tend_np, y0)
     yf = y0.reshape((B,) + ev)
 
     def norm_fn(x):
@@ -655,6 +668,12 @@ def _integrate_independent(p: Problem) -> Solution:
         if controller.norm is None if isinstance(controller, PIDController) else True:
             return torch.linalg.vector_norm(x, dim=1) / math.sqrt(max(x.shape[1], 1))
         return torch.func.vmap(controller.norm)(x)
+
+    def tb(a):  # per-sample times as a tensor broadcastable against the working states
+        return device_times(a, y0).reshape((a.shape[0],) + pad)
+
+    def mask(a):  # a NumPy mask or index array as a tensor on the state's device
+        return device_times(a, y0)
 
     # outputs
     n_ts = 0
@@ -679,99 +698,92 @@ def _integrate_independent(p: Problem) -> Solution:
     # args or in control paths (those would need to be indexed too).
     compactable = saveat.dense is False and args is None and only_ode_terms(terms)
     jumps = getattr(controller, "jump_ts", None)
-    jump_tensor = torch.tensor(jumps, dtype=torch.float64, device=dev) if jumps else None
+    jump_array = np.array(jumps, dtype=np.float64) if jumps else None
     dense = DenseIndependent(solver, terms, args, p.sign, y0, nb) if saveat.dense else None
 
-    result = torch.zeros(B, dtype=torch.long, device=dev)
-    num_steps = torch.zeros(B, dtype=torch.long, device=dev)
-    n_rej = torch.zeros(B, dtype=torch.long, device=dev)
-    nfe = torch.zeros(B, dtype=torch.long, device=dev)
+    result = np.zeros(B, dtype=np.int64)
+    num_steps = np.zeros(B, dtype=np.int64)
+    n_rej = np.zeros(B, dtype=np.int64)
+    nfe = np.zeros(B, dtype=np.int64)
 
     # working set
-    widx = torch.arange(B, device=dev)
-    t = t0_full.clone()
+    widx = np.arange(B)
+    t = t0_np
     y = yf
-    tb = lambda x: x.reshape((x.shape[0],) + pad)  # noqa: E731
     with _diagnose_vector_field(terms, solver, tb(t), y, args):
-        state, n = solver.init(terms, tb(t), tb(tend_full), y, args)
+        state, n = solver.init(terms, tb(t), tb(tend_np), y, args)
     nfe += n
-    tend = tend_full
+    tend = tend_np
     active = t < tend
-    if bool(active.any()):
+    if active.any():
+        dt0 = p.dt0 if not isinstance(p.dt0, torch.Tensor) else host_times(p.dt0.reshape(B), (B,))
         with _diagnose_vector_field(terms, solver, tb(t), y, args):
-            t_next, cstate, n = controller.init_batch(terms, t, tend, y, p.dt0 if not isinstance(p.dt0, torch.Tensor) else p.dt0.reshape(B), args, solver, norm_fn, solver.error_order, **_seed(controller, solver, state))
+            t_next, cstate, n = controller.init_batch(terms, t, tend, y, dt0, args, solver, norm_fn, solver.error_order, **_seed(controller, solver, state))
         nfe += n
     else:
-        t_next, cstate = t.clone(), None
-    t_next = torch.where(active, t_next, t)
+        t_next, cstate = t, None
+    t_next = np.where(active, t_next, t)
     first = True
     bar = _progress_bar(p)
     ev = None if p.event is None else p.event._independent(p, yf, t0_full, tend_full, pad)
     final_y = yf  # final states, filled in as samples leave the working batch (out of place: differentiable)
     step_no = 0
     on_accept = getattr(p, "on_accept", None)
-    # Per-step statistics are counted in the order of the working batch and added to the per-sample
-    # counters whenever the working batch changes, and at the end. Only the steps are counted every
-    # step: rejections where there are any, and evaluations as seg_n (those of this segment's first
-    # step) a step plus, in nfe_w, what other steps took more.
-    steps_w = torch.zeros_like(widx)
-    rej_w = torch.zeros_like(widx)
-    nfe_w = torch.zeros_like(widx)
-    seg_n = None
+    # statistics of the working batch, added to the per-sample counters when it changes and at the end
+    steps_w = np.zeros(B, dtype=np.int64)
+    rej_w = np.zeros(B, dtype=np.int64)
+    nfe_w = np.zeros(B, dtype=np.int64)
 
-    def flush(widx, steps_w, rej_w, nfe_w, seg_n):
-        num_steps.index_add_(0, widx, steps_w)
-        n_rej.index_add_(0, widx, rej_w)
-        nfe.index_add_(0, widx, nfe_w if seg_n is None else nfe_w.add_(steps_w, alpha=seg_n))
+    def flush(widx, steps_w, rej_w, nfe_w):
+        num_steps[widx] += steps_w
+        n_rej[widx] += rej_w
+        nfe[widx] += nfe_w
 
     plain_next = not constant and not controller.step_ts and not controller.jump_ts
     while True:
-        n_active = int(active.sum())  # the one host sync of a step without rejections
+        n_active = int(np.count_nonzero(active))
         if n_active == 0:
             break
         # compaction
-        if compactable and 2 * n_active < active.numel() and active.numel() > 1:
-            keep = active.nonzero().flatten()
-            gone = (~active).nonzero().flatten()
-            flush(widx, steps_w, rej_w, nfe_w, seg_n)
-            final_y = final_y.index_put((widx[gone],), y[gone])
-            widx, t, t_next, tend, y = widx[keep], t[keep], t_next[keep], tend[keep], y[keep]
-            state = _tree_index(state, keep, 1, (active.numel(),))
-            cstate = _tree_index(cstate, keep, 1, (active.numel(),))
+        if compactable and 2 * n_active < active.size and active.size > 1:
+            keep, gone = np.flatnonzero(active), np.flatnonzero(~active)
+            flush(widx, steps_w, rej_w, nfe_w)
+            keep_t = mask(keep)
+            final_y = final_y.index_put((mask(widx[gone]),), y[mask(gone)])
+            widx, t, t_next, tend, y = widx[keep], t[keep], t_next[keep], tend[keep], y[keep_t]
+            state = _tree_index(state, keep_t, 1, (active.size,))
+            cstate = _tree_index(cstate, keep, 1, (active.size,))
             active = active[keep]
-            steps_w, rej_w, nfe_w, seg_n = torch.zeros_like(widx), torch.zeros_like(widx), torch.zeros_like(widx), None
+            steps_w, rej_w, nfe_w = (np.zeros(keep.size, dtype=np.int64) for _ in range(3))
         deactivated = False  # whether a sample stopped early this step (failure or event)
         if p.max_steps is not None and step_no >= p.max_steps:  # no sample has taken more than step_no steps
             taken = num_steps[widx] + steps_w
             over = active & (taken >= p.max_steps)
-            if bool(over.any()):
+            if over.any():
                 result[widx[over]] = int(RESULTS.max_steps_reached)
                 if p.throw:
                     _fail(p, RESULTS.max_steps_reached, float(t[over][0]), int(taken[over][0]), widx[over].tolist())
                 active = active & ~over
-                t_next = torch.where(active, t_next, t)
-                if not bool(active.any()):
+                t_next = np.where(active, t_next, t)
+                if not active.any():
                     break
         # samples that are not active have t_next == t: their step is empty and changes nothing
         tn = t_next
+        t_t, tn_t = tb(t), tb(tn)
         if first:
-            with _diagnose_vector_field(terms, solver, tb(t), y, args):
-                y1, y_err, info, new_state, n = solver.step(terms, tb(t), tb(tn), y, args, state)
-            _check_step_output(y, y1, terms, solver, tb(t), args)
+            with _diagnose_vector_field(terms, solver, t_t, y, args):
+                y1, y_err, info, new_state, n = solver.step(terms, t_t, tn_t, y, args, state)
+            _check_step_output(y, y1, terms, solver, t_t, args)
             first = False
         else:
-            y1, y_err, info, new_state, n = solver.step(terms, tb(t), tb(tn), y, args, state)
+            y1, y_err, info, new_state, n = solver.step(terms, t_t, tn_t, y, args, state)
         step_no += 1
         steps_w += active
-        if seg_n is None:
-            seg_n = n
-        elif n != seg_n:
-            nfe_w.add_(active, alpha=n - seg_n)
+        nfe_w += n * active
         accept, nt0, nt1, cstate, _ = controller.adapt_batch(t, tn, y, y1, y_err, cstate, norm_fn)
         if constant:
-            finite = _finite_per_sample(y1)
-            bad = active & ~finite
-            if bool(bad.any()):
+            bad = active & ~_finite_per_sample(y1).cpu().numpy()
+            if bad.any():
                 rej_w += bad
                 result[widx[bad]] = int(RESULTS.nonfinite)
                 if p.throw:
@@ -781,81 +793,90 @@ def _integrate_independent(p: Problem) -> Solution:
             accept = accept & active
         else:
             accept = accept & active
-            if int(accept.sum()) < n_active:  # some step was rejected: did its next size underflow?
+            if np.count_nonzero(accept) < n_active:  # some step was rejected: did its next size underflow?
                 rej = active & ~accept
                 rej_w += rej
-                under = rej & ((nt1 - nt0) <= 8 * torch.finfo(torch.float64).eps * nt0.abs().clamp(min=1e-300))
+                under = rej & ((nt1 - nt0) <= 8 * np.finfo(np.float64).eps * np.maximum(np.abs(nt0), 1e-300))
                 if controller.dtmin is not None and not controller.force_dtmin:
                     under = under | (rej & ((nt1 - nt0) < controller.dtmin))
-                if bool(under.any()):
+                if under.any():
                     result[widx[under]] = int(RESULTS.dt_underflow)
                     if p.throw:
                         _fail(p, RESULTS.dt_underflow, float(t[under][0]), step_no, widx[under].tolist())
                     active = active & ~under
                     deactivated = True
+        # the tensor views the outputs and hooks need, made once a step when needed
+        need = n_ts or dense is not None or ev is not None or on_accept is not None
+        widx_t = mask(widx) if need else None
+        accept_t = mask(accept)
         ev_hit, t_save = None, tn
         if ev is not None:
-            ev_hit, t_ev, y_ev, n = ev.step(widx, accept, t, tn, y1, info)
-            if ev_hit is not None:
-                t_save = torch.where(ev_hit, t_ev, tn)
+            hit_t, t_ev, y_ev, n = ev.step(widx_t, accept_t, t_t.reshape(-1), tn_t.reshape(-1), y1, info)
+            if hit_t is not None:
+                ev_hit = hit_t.cpu().numpy()
+                t_save = np.where(ev_hit, t_ev.detach().to("cpu", torch.float64).numpy(), tn)
             if n:
                 nfe[widx[active]] += n
         # saving
         if n_ts:
-            gl = widx
+            gl = widx_t
+            tv, tnv = t_t.reshape(-1), tn_t.reshape(-1)
+            t_save_t = tnv if t_save is tn else device_times(t_save, y0)
             ptr = ts_ptr[gl]
             while True:
                 cand = ts_full[gl, ptr.clamp(max=n_ts - 1)]
-                pend = accept & (ptr < n_ts) & (cand <= t_save)
+                pend = accept_t & (ptr < n_ts) & (cand <= t_save_t)
                 if not bool(pend.any()):
                     break
-                denom = torch.where(tn > t, tn - t, torch.ones_like(t))
-                theta = ((cand - t) / denom).clamp(0, 1)
-                vals, n = solver.dense_eval(terms, args, tb(t), tb(tn), info, tb(theta).to(y.dtype))
-                vals = torch.where(tb(theta == 1), y1, vals)
-                nfe[gl[pend]] += n
+                denom = torch.where(tnv > tv, tnv - tv, torch.ones_like(tv))
+                theta = ((cand - tv) / denom).clamp(0, 1)
+                vals, n = solver.dense_eval(terms, args, t_t, tn_t, info, tb_like(theta, pad).to(y.dtype))
+                vals = torch.where(tb_like(theta == 1, pad), y1, vals)
                 sel = pend.nonzero().flatten()
+                if n:
+                    nfe[widx[sel.cpu().numpy()]] += n
                 ys_ts = ys_ts.index_put((ptr[sel], gl[sel]), vals[sel])
                 ptr = ptr + pend.long()
             ts_ptr[gl] = ptr
         if dense is not None:
-            dense.add(tb(t), tb(tn), accept, info)
+            dense.add(t_t, tn_t, accept_t, info)
         if bar is not None:
-            bar.update(float((torch.where(accept, tn - t, torch.zeros_like(t))).max()))
+            bar.update(float(np.max(np.where(accept, tn - t, 0.0))))
         if ev_hit is not None:  # samples with a terminal event end inside this step
+            hit_t = mask(ev_hit)
             if n_ts:
-                ys_ts = ev.after_save(ys_ts, ts_ptr, widx, ev_hit, y_ev)
-            y1 = torch.where(tb(ev_hit), y_ev, y1)
+                ys_ts = ev.after_save(ys_ts, ts_ptr, widx_t, hit_t, y_ev)
+            y1 = torch.where(tb_like(hit_t, pad), y_ev, y1)
             tn = t_save
             result[widx[ev_hit]] = int(RESULTS.event_occurred)
-        y = torch.where(tb(accept), y1, y)
-        state = _tree_where(accept, new_state, state)
-        if jump_tensor is not None and bool((accept & torch.isin(tn, jump_tensor)).any()):
+        y = torch.where(tb_like(accept_t, pad), y1, y)
+        state = _tree_where(accept_t, new_state, state)
+        if jump_array is not None and (accept & np.isin(tn, jump_array)).any():
             # a sample stepped onto a discontinuity: restart the solver state (no FSAL across it)
-            state, n = solver.init(terms, tb(torch.where(accept, tn, t)), tb(tend), y, args)
+            state, n = solver.init(terms, tb(np.where(accept, tn, t)), tb(tend), y, args)
             nfe[widx[active]] += n
         if on_accept is not None:
-            on_accept(widx, accept, t, tn, y, state)
+            on_accept(widx_t, accept_t, t_t.reshape(-1), tb(tn).reshape(-1), y, state)
         # the controller's next_t0 is the step's end where accepted, its start elsewhere
-        t = nt0 if ev_hit is None and not constant else torch.where(accept, tn, t)
+        t = nt0 if ev_hit is None and not constant else np.where(accept, tn, t)
         active = active & (t < tend)
         if ev_hit is not None:
             active = active & ~ev_hit
             deactivated = True
         # the next step, landing exactly on t1 when it is within rounding of it
         if constant:
-            t_next = torch.where(tend - nt1 > 1e-9 * (nt1 - t), nt1, tend)
+            t_next = np.where(tend - nt1 > 1e-9 * (nt1 - t), nt1, tend)
         elif plain_next:
-            t_next = torch.where(torch.add(nt1, nt1 - t, alpha=1e-10) >= tend, tend, nt1)
+            t_next = np.where(nt1 + 1e-10 * (nt1 - t) >= tend, tend, nt1)
         else:
             t_next = controller._next_t1_batch(t, nt1, tend)
-            t_next = torch.where(tend - t_next <= 1e-10 * (t_next - t), tend, t_next)
+            t_next = np.where(tend - t_next <= 1e-10 * (t_next - t), tend, t_next)
         if deactivated:
-            t_next = torch.where(active, t_next, t)
-    flush(widx, steps_w, rej_w, nfe_w, seg_n)
+            t_next = np.where(active, t_next, t)
+    flush(widx, steps_w, rej_w, nfe_w)
     if bar is not None:
         bar.close()
-    final_y = y if widx.numel() == B else final_y.index_put((widx,), y)
+    final_y = y if widx.size == B else final_y.index_put((mask(widx),), y)
     final = final_y.reshape(y0.shape) if B > 0 else y0
     # outputs
     outs, out_ts = [], []
@@ -866,12 +887,14 @@ def _integrate_independent(p: Problem) -> Solution:
     if saveat.t1:
         outs.append(final.unsqueeze(0))
     ys = torch.cat(outs) if outs else None
-    res = result.reshape(bshape)
-    if p.throw is False:
-        pass
+    res = torch.from_numpy(result).to(dev).reshape(bshape)
+
+    def per_sample(a):
+        return torch.from_numpy(a).to(dev).reshape(bshape)
+
     stats = {
-        "num_steps": num_steps.reshape(bshape), "num_accepted_steps": (num_steps - n_rej).reshape(bshape),
-        "num_rejected_steps": n_rej.reshape(bshape), "nfe": nfe.reshape(bshape),
+        "num_steps": per_sample(num_steps), "num_accepted_steps": per_sample(num_steps - n_rej),
+        "num_rejected_steps": per_sample(n_rej), "nfe": per_sample(nfe),
     }
     ts_parts = []
     if saveat.t0:
