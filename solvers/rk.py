@@ -87,13 +87,27 @@ def _combine(y0, ks, nz, dt, zero=None):
     # per-sample dt: y0 + v_p dt * (k_p + sum_j (v_j / v_p) k_j), p the largest coefficient (ratios at
     # most 1): the sum as fused adds, which cost less than multiply-adds with a broadcast dt, and
     # one multiply-add with dt
-    p = max(range(len(vals)), key=lambda i: abs(vals[i]))
-    vp = vals[p]
-    acc = ks[idx[p]]
-    for i, (j, v) in enumerate(zip(idx, vals)):
-        if i != p:
-            acc = torch.add(acc, ks[j], alpha=v / vp)
+    jp, vp, rest = _pivoted(nz)
+    acc = ks[jp]
+    for j, r in rest:
+        acc = torch.add(acc, ks[j], alpha=r)
     return torch.addcmul(out, dt, acc, value=vp)
+
+
+_PIVOTS = {}
+
+
+def _pivoted(nz):
+    """``(j_p, v_p, [(j, v_j / v_p), ...])`` for the coefficients ``nz`` (a tableau's row, which
+    lives as long as the tableau), ``p`` the largest in magnitude; computed once a row."""
+    hit = _PIVOTS.get(id(nz))
+    if hit is not None and hit[0] is nz:
+        return hit[1]
+    idx, vals = nz
+    p = max(range(len(vals)), key=lambda i: abs(vals[i]))
+    out = (idx[p], vals[p], [(j, v / vals[p]) for i, (j, v) in enumerate(zip(idx, vals)) if i != p])
+    _PIVOTS[id(nz)] = (nz, out)
+    return out
 
 
 def _solution(y0, ks, nz, dt, zero):
