@@ -808,7 +808,7 @@ def _integrate_independent(p: Problem) -> Solution:
         # the tensor views the outputs and hooks need, made once a step when needed
         need = n_ts or dense is not None or ev is not None or on_accept is not None
         widx_t = mask(widx) if need else None
-        accept_t = mask(accept)
+        accept_t = mask(accept) if need or not accept.all() else None
         ev_hit, t_save = None, tn
         if ev is not None:
             hit_t, t_ev, y_ev, n = ev.step(widx_t, accept_t, t_t.reshape(-1), tn_t.reshape(-1), y1, info)
@@ -849,8 +849,11 @@ def _integrate_independent(p: Problem) -> Solution:
             y1 = torch.where(tb_like(hit_t, pad), y_ev, y1)
             tn = t_save
             result[widx[ev_hit]] = int(RESULTS.event_occurred)
-        y = torch.where(tb_like(accept_t, pad), y1, y)
-        state = _tree_where(accept_t, new_state, state)
+        if accept_t is None:  # every working sample accepted its step
+            y, state = y1, new_state
+        else:
+            y = torch.where(tb_like(accept_t, pad), y1, y)
+            state = _tree_where(accept_t, new_state, state)
         if jump_array is not None and (accept & np.isin(tn, jump_array)).any():
             # a sample stepped onto a discontinuity: restart the solver state (no FSAL across it)
             state, n = solver.init(terms, tb(np.where(accept, tn, t)), tb(tend), y, args)
