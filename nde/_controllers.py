@@ -448,14 +448,14 @@ class PIDController(AbstractController):
         return np.minimum(t1, t_end)
 
     def _error_batch(self, y0, y1, y_err, norm_fn):
-        """The scaled error norm of every sample (leading dimension), in the state's dtype."""
+        """The scaled error norm of every sample (leading dimension), as float64 NumPy."""
         if not self._plain():
-            return norm_fn(self._scaled(y0, y1, y_err))
+            return norm_fn(self._scaled(y0, y1, y_err)).cpu().numpy().astype(np.float64)
         # as _error_norm: err / (atol + rtol m) = (err / (m + atol / rtol)) / rtol, one pass fewer
         m = torch.maximum(y0.abs(), y1.abs()).add_(self._ratio(y1))
         m = torch.div(y_err, m, out=m).reshape(m.shape[0], -1)
-        err = torch.linalg.vector_norm(m, dim=1)
-        return err.mul_(self._const(1.0 / (math.sqrt(max(m.shape[1], 1)) * self.rtol), err))
+        err = torch.linalg.vector_norm(m, dim=1).cpu().numpy().astype(np.float64)
+        return err * (1.0 / (math.sqrt(max(m.shape[1], 1)) * self.rtol))
 
     def _err_floor(self, b1):
         """The error below which integral control takes ``factormax`` anyway: the errors are raised to
@@ -472,7 +472,6 @@ class PIDController(AbstractController):
                 err = self._error_batch(y0, y1, y_err, norm_fn)
         else:
             err = self._error_batch(y0, y1, y_err, norm_fn)
-        err = err.cpu().numpy().astype(np.float64)
         dt = t1 - t0
         # NaN and inf compare false: a non-finite error rejects the step
         accept = err <= 1.0
