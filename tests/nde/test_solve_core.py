@@ -288,6 +288,19 @@ def test_dtype_follows_y0_without_promotion(dtype, solver):
     assert (sol.ys[-1] - math.exp(-1)).abs().max().item() < tol
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["joint", "independent"])
+def test_half_precision_adaptive_solve(dtype, mode):
+    # error norms of low-precision states are scaled on the host in float64
+    y0 = torch.tensor([[1.0], [2.0], [0.5]], dtype=dtype)
+    sol = nde.solve(lambda t, y, a: -y, Dopri5(), 0.0, 1.0, y0, controller=nde.PIDController(rtol=1e-2, atol=1e-3),
+                    batch_mode=mode)
+    assert sol.ys.dtype == dtype
+    assert bool((sol.result == 0).all())
+    exact = y0.double() * math.exp(-1)
+    assert (sol.ys[-1].double() - exact).abs().max().item() < 2e-2
+
+
 def test_float32_long_solve_time_does_not_drift():
     # 20000 constant steps of 5e-5: float64 time accumulation lands on t1 exactly
     sol = nde.solve(lambda t, y, a: torch.ones_like(y), nde.solvers.Euler(), 0.0, 1.0, torch.zeros(1),
