@@ -111,12 +111,6 @@ def host_times(x, shape):
     return np.array(np.broadcast_to(np.asarray(x, dtype=np.float64), shape))
 
 
-def host_float64(x):
-    """A tensor of per-sample numbers as a float64 NumPy array on the host."""
-    x = x.detach().cpu()
-    return x.numpy().astype(np.float64) if x.dtype in (torch.float32, torch.float64) else x.double().numpy()
-
-
 def device_times(x, like):
     """A NumPy array of per-sample times (or a mask) as a tensor on ``like``'s device (no copy on the CPU)."""
     t = torch.from_numpy(x)
@@ -329,7 +323,7 @@ class PIDController(AbstractController):
             tt0 = device_times(t0, y0).to(y0.dtype).reshape(t0.shape + pad)
 
             def norm(x):
-                return host_float64(norm_per(x))
+                return norm_per(x).to("cpu", torch.float64).numpy()
         nfe = 2 if f0 is None else 1
         with torch.no_grad():
             f0 = f(tt0, y0, args) if f0 is None else f0.detach()
@@ -456,11 +450,11 @@ class PIDController(AbstractController):
     def _error_batch(self, y0, y1, y_err, norm_fn):
         """The scaled error norm of every sample (leading dimension), as float64 NumPy."""
         if not self._plain():
-            return host_float64(norm_fn(self._scaled(y0, y1, y_err)))
+            return norm_fn(self._scaled(y0, y1, y_err)).to("cpu", torch.float64).numpy()
         # as _error_norm: err / (atol + rtol m) = (err / (m + atol / rtol)) / rtol, one pass fewer
         m = torch.maximum(y0.abs(), y1.abs()).add_(self._ratio(y1))
         m = torch.div(y_err, m, out=m).reshape(m.shape[0], -1)
-        err = host_float64(torch.linalg.vector_norm(m, dim=1))
+        err = torch.linalg.vector_norm(m, dim=1).to("cpu", torch.float64).numpy()
         return err * (1.0 / (math.sqrt(max(m.shape[1], 1)) * self.rtol))
 
     def _err_floor(self, b1):
